@@ -1,0 +1,180 @@
+"""Configuration of a DecayLoRA adapter."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .peft_type import extend_peft_type
+from .schedule import schedule_bounds
+
+NOISE_MODES = ("vanish", "keep", "off")
+NOISE_STATS = ("tensor", "channel")
+
+
+@dataclass
+class DecayLoraConfig(PeftConfig):
+    """
+    Configuration of a [`DecayLoraModel`]: LoRA whose frozen pretrained weight fades out on a schedule, so that each
+    adapted layer ends as an exact rank-``r`` layer.
+
+    Every adapted layer computes ``d * (W x + b) + N x + s * B A x + C``. The decay factor ``d`` goes from 1 to
+    ``min_decay`` on a warm-up / linear-decay / cool-down schedule driven by optimizer steps; Gaussian noise ``N``
+    keeps the effective weight's mean and variance equal to ``W``'s while ``W`` fades; ``C`` is a trainable bias that
+    takes over from the decaying bias ``b``. ``s = lora_alpha / r``.
+
+    Args:
+        r (`int`): Rank of the adapter, i.e. the rank of each adapted layer once ``d`` reaches 0.
+        lora_alpha (`float`): Scale numerator, ``s = lora_alpha / r``.
+        lora_dropout (`float`): Dropout on the adapter's input, in [0, 1).
+        target_modules (`Optional[Union[list[str], str]]`): Names (or a regex) of the modules to adapt, as in
+            `LoraConfig`; ``"all-linear"`` adapts every linear layer but the output layer.
+        exclude_modules (`Optional[Union[list[str], str]]`): Names (or a regex) of modules never to adapt.
+        layers_to_transform (`Union[list[int], int]`): Indices of the layers to adapt.
+        layers_pattern (`Optional[Union[list[str], str]]`): Name of the layer list, used with `layers_to_transform`.
+        rank_pattern (`dict`): Module name or regex -> rank, overriding `r`.
+        alpha_pattern (`dict`): Module name or regex -> alpha, overriding `lora_alpha`.
+        init_weights (`bool`): If True (default), ``A`` is Kaiming-uniform and ``B = 0``, so step 0 reproduces the
+            base model exactly. If False, ``B`` is random too (for tests only).
+        total_steps (`Optional[int]`): Optimizer steps of the whole run; fractional `decay_start` / `decay_end` are
+            relative to it. May stay None until training: `DecayLoraCallback` fills it from the Trainer.
+        decay_start (`Union[int, float]`): First step of the linear decay; a float in [0, 1] is a fraction of
+            `total_steps`, an int a step number.
+        decay_end (`Union[int, float]`): First step of the cool-down, where ``d = min_decay``.
+        min_decay (`float`): Decay factor of the cool-down, in [0, 1]. 0 (default) ends with a pure rank-r layer.
+        noise (`str`): "vanish" (noise while ``d >= noise_threshold``), "keep" (noise for every ``d < 1``) or "off".
+        noise_threshold (`float`): Decay factor below which "vanish" stops the noise, in [0, 1].
+        noise_stats (`str`): Statistics the noise matches: "tensor" (mean and std of the whole weight, or of each
+            slice of a fused projection) or "channel" (per output channel).
+        noise_seed (`int`): Seed of the noise. The noise is a function of the seed, the layer, the optimizer step and
+            the forward pass within the step, so resumed runs and data-parallel ranks draw the same noise.
+        bias_compensation (`bool`): Whether ``C`` is trainable. If False, ``C`` stays 0.
+        modules_to_save (`Optional[list[str]]`): Modules besides the adapters to train and save (e.g. a classifier).
+    """
+
+    r: int = field(default=8, metadata={"help": "DecayLoRA rank: the rank of each adapted layer at the end."})
+    lora_alpha: float = field(default=8, metadata={"help": "Scale numerator: the adapter is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex of module names to adapt, e.g. ['query', 'value'], or 'all-linear'."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of module names not to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Indices of the layers to adapt; all if None."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with `layers_to_transform`, e.g. 'layers'."}
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Module name or regex -> rank, overriding `r`."}
+    )
+    alpha_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Module name or regex -> alpha, overriding `lora_alpha`."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Zero-initialise B so that step 0 reproduces the base model exactly."}
+    )
+    total_steps: Optional[int] = field(
+        default=None, metadata={"help": "Optimizer steps of the run; filled in by DecayLoraCallback when None."}
+    )
+    decay_start: Union[int, float] = field(
+        default=0.1, metadata={"help": "Start of the linear decay: float = fraction of total_steps, int = step."}
+    )
+    decay_end: Union[int, float] = field(
+        default=0.9, metadata={"help": "End of the linear decay: float = fraction of total_steps, int = step."}
+    )
+    min_decay: float = field(default=0.0, metadata={"help": "Decay factor after decay_end, in [0, 1]."})
+    noise: Literal["vanish", "keep", "off"] = field(
+        default="vanish", metadata={"help": "Noise schedule: 'vanish', 'keep' or 'off'."}
+    )
+    noise_threshold: float = field(
+        default=0.3, metadata={"help": "With noise='vanish', no noise once the decay factor is below this."}
+    )
+    noise_stats: Literal["tensor", "channel"] = field(
+        default="tensor", metadata={"help": "Noise statistics per weight tensor (or fused slice) or per channel."}
+    )
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the reproducible noise sequence."})
+    bias_compensation: bool = field(default=True, metadata={"help": "Train the compensation bias C."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = extend_peft_type()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_positive_int("r", self.r)
+        _check_positive_number("lora_alpha", self.lora_alpha)
+        _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, right_open=True)
+        for name, value in (self.rank_pattern or {}).items():
+            _check_positive_int(f"rank_pattern[{name!r}]", value)
+        for name, value in (self.alpha_pattern or {}).items():
+            _check_positive_number(f"alpha_pattern[{name!r}]", value)
+        if self.total_steps is not None:
+            _check_positive_int("total_steps", self.total_steps)
+        for name in ("decay_start", "decay_end"):
+            _check_schedule_point(name, getattr(self, name))
+        _check_range("min_decay", self.min_decay, 0.0, 1.0)
+        _check_choice("noise", self.noise, NOISE_MODES)
+        _check_range("noise_threshold", self.noise_threshold, 0.0, 1.0)
+        _check_choice("noise_stats", self.noise_stats, NOISE_STATS)
+        if not isinstance(self.noise_seed, numbers.Integral) or isinstance(self.noise_seed, bool):
+            raise ValueError(f"`noise_seed` must be an integer, got {self.noise_seed!r}.")
+        for name in ("bias_compensation", "init_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        same_kind = isinstance(self.decay_start, float) == isinstance(self.decay_end, float)
+        if same_kind and self.decay_start > self.decay_end:
+            raise ValueError(
+                f"`decay_start` ({self.decay_start}) must not be after `decay_end` ({self.decay_end})."
+            )
+        if self.total_steps is not None:
+            schedule_bounds(self.total_steps, self.decay_start, self.decay_end)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_positive_number(name: str, value) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+
+
+def _check_range(name: str, value, low: float, high: float, right_open: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and low <= value and (value < high if right_open else value <= high)
+    if not ok:
+        interval = f"[{low}, {high})" if right_open else f"[{low}, {high}]"
+        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
+
+
+def _check_schedule_point(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a float in [0, 1] (fraction of total_steps) or an int >= 0 (step), got {value!r}.")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` is a float, i.e. a fraction of total_steps, and must be in [0, 1], got {value!r}.")
+    if isinstance(value, numbers.Integral) and value < 0:
+        raise ValueError(f"`{name}` is an int, i.e. a step number, and must be >= 0, got {value!r}.")

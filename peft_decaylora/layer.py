@@ -1,0 +1,426 @@
+"""The DecayLoRA layer: ``d * (W x + b) + N x + s * B A x + C`` around a frozen Linear, Conv2d or Conv1D.
+
+One layer class serves every supported base layer. What differs between them (weight layout, the frozen product,
+the shape of the adapter) lives in a small ``LayerKind``; decay, noise, bias compensation, merging and the schedule
+state are written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import DecayLoraConfig
+from .schedule import decay_factor, is_resolvable, noise_active, noise_scale
+
+
+class LayerKind:
+    """How one type of base layer stores its weight, runs its frozen product and shapes its adapter.
+
+    The *canonical* weight is ``(out, in, ...)``: output channels first, whatever the storage layout.
+    """
+
+    @staticmethod
+    def features(base: nn.Module) -> tuple[int, int]:
+        return base.in_features, base.out_features
+
+    @staticmethod
+    def weight(base: nn.Module) -> torch.Tensor:
+        return base.weight
+
+    @staticmethod
+    def stored_weight(base: nn.Module, canonical: torch.Tensor) -> torch.Tensor:
+        """The canonical weight in the base layer's storage layout."""
+        return canonical
+
+    @staticmethod
+    def frozen_product(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def make_adapter(base: nn.Module, in_features: int, out_features: int, r: int) -> tuple[nn.Module, nn.Module]:
+        return nn.Linear(in_features, r, bias=False), nn.Linear(r, out_features, bias=False)
+
+    @staticmethod
+    def product_of(A: nn.Module, B: nn.Module) -> torch.Tensor:
+        """The canonical weight of ``B(A(.))``."""
+        return B.weight @ A.weight
+
+    @staticmethod
+    def output_bias(c: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast against the layer output."""
+        return c
+
+
+class LinearKind(LayerKind):
+    pass
+
+
+class Conv1DKind(LayerKind):
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
+
+    @staticmethod
+    def features(base: nn.Module) -> tuple[int, int]:
+        return base.weight.shape[0], base.weight.shape[1]
+
+    @staticmethod
+    def weight(base: nn.Module) -> torch.Tensor:
+        return base.weight.T
+
+    @staticmethod
+    def stored_weight(base: nn.Module, canonical: torch.Tensor) -> torch.Tensor:
+        return canonical.T.contiguous()
+
+
+class Conv2dKind(LayerKind):
+    """``nn.Conv2d``; the adapter is a k x k convolution to r channels, then a 1 x 1 convolution to out channels."""
+
+    @staticmethod
+    def features(base: nn.Module) -> tuple[int, int]:
+        return base.in_channels, base.out_channels
+
+    @staticmethod
+    def frozen_product(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        return base._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def make_adapter(base: nn.Module, in_features: int, out_features: int, r: int) -> tuple[nn.Module, nn.Module]:
+        down = nn.Conv2d(
+            in_features,
+            r,
+            kernel_size=base.kernel_size,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            padding_mode=base.padding_mode,
+            bias=False,
+        )
+        return down, nn.Conv2d(r, out_features, kernel_size=1, bias=False)
+
+    @staticmethod
+    def product_of(A: nn.Module, B: nn.Module) -> torch.Tensor:
+        return torch.einsum("or,rihw->oihw", B.weight[:, :, 0, 0], A.weight)
+
+    @staticmethod
+    def output_bias(c: torch.Tensor) -> torch.Tensor:
+        return c[:, None, None]
+
+
+SUPPORTED_LAYERS = "torch.nn.Linear, torch.nn.Conv2d (groups=1) and transformers.pytorch_utils.Conv1D"
+
+
+def layer_kind(base: nn.Module) -> type[LayerKind]:
+    """The ``LayerKind`` of a base layer; raises ``TypeError`` for layers DecayLoRA does not support."""
+    if isinstance(base, nn.Linear):
+        return LinearKind
+    if isinstance(base, Conv1D):
+        return Conv1DKind
+    if isinstance(base, nn.Conv2d):
+        if base.groups != 1:
+            raise TypeError(
+                f"grouped or depthwise Conv2d (groups={base.groups}) is not supported: its kernel cannot hold the "
+                "dense low-rank update. Exclude it with `exclude_modules`."
+            )
+        return Conv2dKind
+    raise TypeError(f"layer type {type(base).__name__} is not supported; supported: {SUPPORTED_LAYERS}.")
+
+
+def weight_statistics(weight: torch.Tensor, mode: str, slices: Optional[list[int]] = None):
+    """Per-output-channel mean and standard deviation of ``weight`` (canonical layout), shaped to broadcast.
+
+    ``mode="tensor"`` pools each slice of output channels (the whole tensor unless ``slices`` splits a fused
+    projection); ``mode="channel"`` gives every output channel its own statistics.
+    """
+    rows = weight.detach().float().reshape(weight.shape[0], -1)
+    if mode == "channel":
+        mean, std = rows.mean(dim=1), rows.std(dim=1, unbiased=False)
+    else:
+        means, stds = [], []
+        for part in rows.split(slices or [rows.shape[0]]):
+            means.append(part.mean().expand(part.shape[0]))
+            stds.append(part.std(unbiased=False).expand(part.shape[0]))
+        mean, std = torch.cat(means), torch.cat(stds)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return mean.reshape(shape), std.reshape(shape)
+
+
+def noise_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (the config seed, the layer, the step and the forward within the step)."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class DecayLoraLayer(BaseTunerLayer):
+    """Adapter state of one adapted layer, per adapter name."""
+
+    adapter_layer_names = ("decaylora_A", "decaylora_B", "decaylora_C")
+    other_param_names = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "decaylora_dropout",
+        "decaylora_config",
+        "decaylora_step",
+        "decaylora_noise_mean",
+        "decaylora_noise_std",
+    )
+
+    def __init__(self, base_layer: nn.Module, layer_key: str = "", **kwargs) -> None:
+        self.base_layer = base_layer
+        self.kind = layer_kind(self.get_base_layer())
+        self.in_features, self.out_features = self.kind.features(self.get_base_layer())
+        self.r = {}
+        self.lora_alpha = {}
+        self.scaling = {}
+        self.decaylora_config: dict[str, DecayLoraConfig] = {}
+        self.decaylora_dropout = nn.ModuleDict({})
+        self.decaylora_A = nn.ModuleDict({})
+        self.decaylora_B = nn.ModuleDict({})
+        self.decaylora_C = nn.ParameterDict({})
+        # The schedule position is state: a persistent buffer, saved with the adapter and moved with the model.
+        self.decaylora_step = BufferDict({}, persistent=True)
+        # Statistics of the frozen weight are derived from it, so they are not saved.
+        self.decaylora_noise_mean = BufferDict({}, persistent=False)
+        self.decaylora_noise_std = BufferDict({}, persistent=False)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.layer_key = layer_key
+        # Host-side copies of the step buffers, read every forward without a device sync; each entry is checked
+        # against the buffer's identity and version, so loading or assigning the buffer is noticed. Also the number
+        # of training forwards since the step last changed (indexes the noise within a step).
+        self._host_step: dict[str, tuple[torch.Tensor, int, int]] = {}
+        self._forward_index: dict[str, int] = {}
+        # Original base weight and bias while merged, so that unmerge is exact even at d = 0.
+        self._unmerge_state: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config: DecayLoraConfig, r: int, lora_alpha: float) -> None:
+        """Add (or re-create) adapter ``adapter_name`` with rank ``r``."""
+        if r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {r} for adapter {adapter_name!r}.")
+        base = self.get_base_layer()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.decaylora_config[adapter_name] = config
+        self.decaylora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        A, B = self.kind.make_adapter(base, self.in_features, self.out_features, r)
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+        if config.init_weights:
+            nn.init.zeros_(B.weight)
+        else:
+            nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
+        self.decaylora_A[adapter_name] = A
+        self.decaylora_B[adapter_name] = B
+        self.decaylora_C[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
+        if not config.bias_compensation:
+            self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("decaylora_C",)}
+        self.decaylora_step[adapter_name] = torch.zeros((), dtype=torch.long)
+        mean, std = weight_statistics(self.kind.weight(base), config.noise_stats)
+        self.decaylora_noise_mean[adapter_name] = mean
+        self.decaylora_noise_std[adapter_name] = std
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # ----------------------------------------------------------------------------------------------- schedule
+    def set_step(self, step: int, adapter_names: Optional[list[str]] = None) -> None:
+        """Move the schedule of the given adapters (default: all) to optimizer step ``step``."""
+        for name in adapter_names if adapter_names is not None else list(self.decaylora_step.keys()):
+            self.decaylora_step[name].fill_(int(step))
+            self._forward_index.pop(name, None)
+
+    def get_step(self, adapter_name: str) -> int:
+        """The schedule position of ``adapter_name``, read from its buffer only when the buffer changed."""
+        buffer = self.decaylora_step[adapter_name]
+        cached = self._host_step.get(adapter_name)
+        if cached is None or cached[0] is not buffer or cached[1] != buffer._version:
+            if cached is not None and cached[2] != int(buffer):
+                self._forward_index.pop(adapter_name, None)
+            cached = (buffer, buffer._version, int(buffer))
+            self._host_step[adapter_name] = cached
+        return cached[2]
+
+    def decay_factor(self, adapter_name: str) -> float:
+        cfg = self.decaylora_config[adapter_name]
+        return decay_factor(
+            self.get_step(adapter_name),
+            total_steps=cfg.total_steps,
+            decay_start=cfg.decay_start,
+            decay_end=cfg.decay_end,
+            min_decay=cfg.min_decay,
+        )
+
+    def noise_active(self, adapter_name: str) -> bool:
+        cfg = self.decaylora_config[adapter_name]
+        return noise_active(self.decay_factor(adapter_name), cfg.noise, cfg.noise_threshold)
+
+    # ----------------------------------------------------------------------------------------- frozen weight
+    def _noise_generator_seed(self, adapter_name: str) -> int:
+        """Seed of this forward's noise. A recomputation inside backward (gradient checkpointing) reuses the seed
+        of the forward it recomputes."""
+        step = self.get_step(adapter_name)
+        recomputing = torch._C._current_graph_task_id() != -1
+        index = self._forward_index.get(adapter_name, -1) + (0 if recomputing else 1)
+        self._forward_index[adapter_name] = index
+        key = int.from_bytes(hashlib.blake2b(self.layer_key.encode(), digest_size=8).digest(), "little")
+        cfg = self.decaylora_config[adapter_name]
+        return noise_seed(cfg.noise_seed, key, step, index)
+
+    def _effective_frozen_weight(self, adapter_name: str, d: float, sample: bool) -> torch.Tensor:
+        """``d W + N`` with fresh noise when ``sample``, else its expectation ``d W + (1 - d) m``."""
+        cfg = self.decaylora_config[adapter_name]
+        weight = self.kind.weight(self.get_base_layer()).detach()
+        mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
+        if not sample:
+            return torch.add(mean, weight, alpha=d)
+        generator = torch.Generator(device=weight.device)
+        generator.manual_seed(self._noise_generator_seed(adapter_name))
+        noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+        std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_scale(d, cfg.noise, cfg.noise_threshold)
+        return noise.mul_(std).add_(mean).add_(weight, alpha=d)
+
+    def _frozen_output(self, x: torch.Tensor, adapter_name: str, *args, **kwargs) -> Optional[torch.Tensor]:
+        """The frozen part ``d (W x + b) + N x``, or None when it is exactly zero (d = 0, no noise mean)."""
+        base = self.get_base_layer()
+        d = self.decay_factor(adapter_name)
+        if d == 1.0:
+            return base(x, *args, **kwargs)
+        if not self.noise_active(adapter_name):
+            return None if d == 0.0 else base(x, *args, **kwargs) * d
+        weight = self._effective_frozen_weight(adapter_name, d, sample=self.training)
+        bias = None if base.bias is None else base.bias * d
+        return self.kind.frozen_product(base, x, weight, bias)
+
+    # ------------------------------------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s B A`` in the canonical ``(out, in, ...)`` layout."""
+        A, B = self.decaylora_A[adapter_name], self.decaylora_B[adapter_name]
+        return self.kind.product_of(A, B) * self.scaling[adapter_name]
+
+    def merged_parameters(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``W' = d W + mu_N + s B A`` (canonical layout) and ``b' = d b + C`` (None if both are absent/zero)."""
+        base = self.get_base_layer()
+        d = self.decay_factor(adapter_name)
+        weight = self.kind.weight(base).detach().float()
+        mean = self.decaylora_noise_mean[adapter_name].float() * (1.0 - d) if self.noise_active(adapter_name) else 0.0
+        merged_weight = weight * d + mean + self.get_delta_weight(adapter_name).detach().float()
+        C = self.decaylora_C[adapter_name].detach().float()
+        if base.bias is not None:
+            merged_bias = base.bias.detach().float() * d + C
+        else:
+            merged_bias = C if bool(C.any()) else None
+        return merged_weight, merged_bias
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the eval-mode layer into the base layer: ``W <- d W + mu_N + s B A``, ``b <- d b + C``.
+
+        The original weight and bias are kept (not copied: the merged ones are new tensors), so ``unmerge`` restores
+        them exactly even at ``d = 0``. With ``safe_merge=True`` a merge that would produce NaN or inf raises and
+        leaves the layer unchanged.
+        """
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.decaylora_A]
+        if not adapter_names:
+            return
+        if self.merged or len(adapter_names) > 1:
+            raise ValueError(
+                f"DecayLoRA merges one adapter at a time, since each adapter decays the frozen weight; asked to merge "
+                f"{adapter_names} with {self.merged_adapters} already merged. Unmerge first."
+            )
+        adapter_name = adapter_names[0]
+        base = self.get_base_layer()
+        weight, bias = self.merged_parameters(adapter_name)
+        if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            raise ValueError(
+                f"NaNs or infs detected in the merged weights of adapter {adapter_name!r}; the adapter seems to be "
+                "broken and the layer was left unchanged."
+            )
+        dtype, device = base.weight.dtype, base.weight.device
+        self._unmerge_state = (base.weight.data, None if base.bias is None else base.bias.data)
+        base.weight.data = self.kind.stored_weight(base, weight.to(dtype=dtype, device=device))
+        if bias is not None:
+            bias = bias.to(dtype=dtype, device=device)
+            if base.bias is None:
+                base.bias = nn.Parameter(bias, requires_grad=False)
+            else:
+                base.bias.data = bias
+        self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Restore the original base weight and bias exactly."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        weight, bias = self._unmerge_state
+        base.weight.data = weight
+        if bias is None:
+            base.bias = None
+        else:
+            base.bias.data = bias
+        self._unmerge_state = None
+        self.merged_adapters = []
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _active_adapter_name(self) -> Optional[str]:
+        active = [name for name in self.active_adapters if name in self.decaylora_A]
+        if len(active) > 1:
+            raise ValueError(
+                f"DecayLoRA runs one active adapter at a time (each adapter decays the frozen weight), but {active} "
+                "are active. Use `set_adapter(name)` with a single name."
+            )
+        return active[0] if active else None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapter_name = self._active_adapter_name()
+        if adapter_name is None:
+            return self.base_layer(x, *args, **kwargs)
+        cfg = self.decaylora_config[adapter_name]
+        if self.training and not is_resolvable(cfg.total_steps, cfg.decay_start, cfg.decay_end):
+            raise RuntimeError(
+                f"DecayLoRA adapter {adapter_name!r} is training without a schedule length: `total_steps` is None "
+                f"and decay_start={cfg.decay_start} / decay_end={cfg.decay_end} are fractions of it, so the frozen "
+                "weight would never decay. Add `peft_decaylora.DecayLoraCallback()` to the Trainer's callbacks, call "
+                "`peft_decaylora.attach_schedule(model, optimizer, total_steps=...)` in a custom loop, or set "
+                "`DecayLoraConfig(total_steps=...)`."
+            )
+        previous_dtype = x.dtype
+        frozen = self._frozen_output(x, adapter_name, *args, **kwargs)
+        A, B = self.decaylora_A[adapter_name], self.decaylora_B[adapter_name]
+        x_adapter = self._cast_input_dtype(self.decaylora_dropout[adapter_name](x), A.weight.dtype)
+        C = self.kind.output_bias(self.decaylora_C[adapter_name])
+        result = B(A(x_adapter)) * self.scaling[adapter_name] + C
+        if frozen is not None:
+            result = frozen + result.to(frozen.dtype)
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "decaylora." + super().__repr__()
+
+
+class DecayLoraModule(nn.Module, DecayLoraLayer):
+    """A base layer wrapped with one or more DecayLoRA adapters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DecayLoraConfig, r: int,
+                 lora_alpha: float, layer_key: str = "", **kwargs) -> None:
+        super().__init__()
+        DecayLoraLayer.__init__(self, base_layer, layer_key=layer_key, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config=config, r=r, lora_alpha=lora_alpha)
+
+    forward = DecayLoraLayer.forward
+    __repr__ = DecayLoraLayer.__repr__

@@ -1,0 +1,136 @@
+"""The DecayLoRA tuner: injects ``DecayLoraModule`` layers into a model and drives their schedule."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .config import DecayLoraConfig
+from .layer import DecayLoraLayer, DecayLoraModule, layer_kind
+from .schedule import noise_scale, schedule_bounds
+
+
+class DecayLoraModel(BaseTuner):
+    """
+    Creates a DecayLoRA model from a pretrained model: LoRA whose frozen weight decays to zero during fine-tuning,
+    leaving a rank-``r`` layer. Use it through `peft.get_peft_model(model, DecayLoraConfig(...))`.
+
+    Args:
+        model ([`torch.nn.Module`]): The model to adapt.
+        config ([`DecayLoraConfig`]): The configuration of the adapter.
+        adapter_name (`str`): The name of the adapter, defaults to `"default"`.
+        low_cpu_mem_usage (`bool`): Create empty adapter weights on the meta device (for loading).
+
+    The schedule position is read and set with `set_step` / `schedule_state`; `DecayLoraCallback` (Trainer) and
+    `attach_schedule` (custom loops) move it once per optimizer step.
+    """
+
+    prefix: str = "decaylora_"
+    tuner_layer_cls = DecayLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: DecayLoraConfig, adapter_name: str) -> None:
+        """Check every targeted module before any is replaced, so that a bad target leaves the model unchanged."""
+        unsupported = []
+        for key, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) or not self._check_target_module_exists(config, key):
+                continue
+            try:
+                layer_kind(module)
+            except TypeError as error:
+                unsupported.append(f"{key} ({error})")
+        if unsupported:
+            raise TypeError(
+                "DecayLoRA cannot adapt these target modules: " + "; ".join(unsupported) + ". The model was not "
+                "changed. Narrow `target_modules` or add the modules to `exclude_modules`."
+            )
+
+    def _create_and_replace(
+        self, config: DecayLoraConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ):
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
+        lora_alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        if isinstance(target, DecayLoraLayer):
+            target.update_layer(adapter_name, config=config, r=r, lora_alpha=lora_alpha)
+            return
+        new_module = DecayLoraModule(
+            target, adapter_name, config=config, r=r, lora_alpha=lora_alpha, layer_key=current_key
+        )
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until it is activated
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _decaylora_layers(self):
+        return [module for module in self.model.modules() if isinstance(module, DecayLoraLayer)]
+
+    def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise ValueError(
+                    f"Several adapters are active ({self.active_adapters}); pass `adapter_name` explicitly."
+                )
+            adapter_name = self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; adapters: {list(self.peft_config)}.")
+        return adapter_name
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    def set_step(self, step: int, adapter_name: Optional[str] = None) -> None:
+        """Set the schedule of every adapted layer to optimizer step ``step`` (for the active adapter by default)."""
+        if int(step) != step or step < 0:
+            raise ValueError(f"`step` must be a non-negative integer, got {step!r}.")
+        adapter_name = self._resolve_adapter(adapter_name)
+        for layer in self._decaylora_layers():
+            if adapter_name in layer.decaylora_step:
+                layer.set_step(int(step), [adapter_name])
+
+    def set_total_steps(self, total_steps: int, adapter_name: Optional[str] = None) -> None:
+        """Fix the schedule length (optimizer steps of the whole run) that fractional decay points refer to."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if int(total_steps) != total_steps or total_steps <= 0:
+            raise ValueError(f"`total_steps` must be a positive integer, got {total_steps!r}.")
+        schedule_bounds(int(total_steps), config.decay_start, config.decay_end)
+        config.total_steps = int(total_steps)
+        for layer in self._decaylora_layers():
+            if adapter_name in layer.decaylora_config:
+                layer.decaylora_config[adapter_name].total_steps = int(total_steps)
+
+    def schedule_state(self, adapter_name: Optional[str] = None) -> dict:
+        """``{"step", "decay_factor", "noise_active", "noise_scale"}`` of the adapter (the active one by default).
+
+        ``noise_scale`` is the noise standard deviation as a multiple of the weight's: ``sqrt(1 - d^2)`` while noise
+        is drawn, else 0.
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        layers = [layer for layer in self._decaylora_layers() if adapter_name in layer.decaylora_step]
+        if not layers:
+            raise ValueError(f"No layer carries adapter {adapter_name!r}.")
+        steps = {layer.get_step(adapter_name) for layer in layers}
+        if len(steps) != 1:
+            raise RuntimeError(f"The layers of adapter {adapter_name!r} are at different steps: {sorted(steps)}.")
+        layer, config = layers[0], self.peft_config[adapter_name]
+        d = layer.decay_factor(adapter_name)
+        return {
+            "step": steps.pop(),
+            "decay_factor": d,
+            "noise_active": layer.noise_active(adapter_name),
+            "noise_scale": noise_scale(d, config.noise, config.noise_threshold),
+        }
+
+    # ------------------------------------------------------------------------------------------------ adapters
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(
+                f"DecayLoRA runs one active adapter at a time (each adapter decays the frozen weight), got {names}."
+            )
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
