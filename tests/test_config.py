@@ -1,0 +1,85 @@
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from peft_decaylora import DecayLoraConfig, DecayLoraModule
+from tests.conftest import tiny_bert
+
+
+def test_defaults_follow_method():
+    config = DecayLoraConfig(target_modules=["query"])
+    assert (config.decay_start, config.decay_end, config.min_decay) == (0.1, 0.9, 0.0)
+    assert (config.noise, config.noise_threshold, config.noise_stats) == ("vanish", 0.3, "tensor")
+    assert config.bias_compensation is True and config.total_steps is None
+    assert config.peft_type == "DECAYLORA"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"r": 0}, "r"),
+        ({"r": -3}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"decay_start": 0.9, "decay_end": 0.1}, "decay_start"),
+        ({"decay_start": 50, "decay_end": 10}, "decay_start"),
+        ({"decay_start": 1.5}, "decay_start"),
+        ({"decay_end": -1}, "decay_end"),
+        ({"decay_end": "late"}, "decay_end"),
+        ({"decay_start": 0.5, "decay_end": 20, "total_steps": 100}, "decay_start"),
+        ({"min_decay": 1.5}, "min_decay"),
+        ({"min_decay": -0.1}, "min_decay"),
+        ({"noise": "loud"}, "noise"),
+        ({"noise_threshold": 1.2}, "noise_threshold"),
+        ({"noise_stats": "row"}, "noise_stats"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"noise_seed": 1.5}, "noise_seed"),
+        ({"bias_compensation": "yes"}, "bias_compensation"),
+        ({"rank_pattern": {"query": 0}}, "rank_pattern"),
+        ({"alpha_pattern": {"query": -1}}, "alpha_pattern"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"`{field}"):
+        DecayLoraConfig(target_modules=["query"], **kwargs)
+
+
+def test_target_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="not_a_module"):
+        get_peft_model(tiny_bert(), DecayLoraConfig(target_modules=["not_a_module"]))
+
+
+def test_unsupported_target_names_it_and_leaves_model_unchanged():
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names_before = [n for n, _ in model.named_modules()]
+    with pytest.raises(TypeError) as error:
+        get_peft_model(model, DecayLoraConfig(target_modules=["query", "word_embeddings"]))
+    message = str(error.value)
+    assert "bert.embeddings.word_embeddings" in message and "Embedding" in message
+    assert "torch.nn.Linear" in message  # lists what is supported
+    assert [n for n, _ in model.named_modules()] == names_before
+    assert not any(isinstance(m, DecayLoraModule) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_grouped_conv_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1))
+    with pytest.raises(TypeError, match=r"0 .*groups=4"):
+        get_peft_model(model, DecayLoraConfig(target_modules=["0", "1"]))
+    assert not any(isinstance(m, DecayLoraModule) for m in model.modules())
+
+
+def test_rank_and_alpha_patterns():
+    model = get_peft_model(
+        tiny_bert(),
+        DecayLoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], rank_pattern={"value": 2},
+                        alpha_pattern={"value": 6}),
+    )
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self
+    assert layer.query.r["default"] == 4 and layer.query.scaling["default"] == 2.0
+    assert layer.value.r["default"] == 2 and layer.value.scaling["default"] == 3.0
+    assert layer.value.decaylora_A["default"].weight.shape == (2, 32)
