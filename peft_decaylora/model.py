@@ -126,6 +126,31 @@ class DecayLoraModel(BaseTuner):
             "noise_scale": noise_scale(d, config.noise, config.noise_threshold),
         }
 
+    # ------------------------------------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge the adapter into every adapted layer, all or nothing: if one layer refuses (``safe_merge`` found
+        NaN/inf), the layers merged before it are unmerged again and the error is raised."""
+        self._check_merge_allowed()
+        merged_now = []
+        try:
+            for layer in self._decaylora_layers():
+                was_merged = layer.merged
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                if layer.merged and not was_merged:
+                    merged_now.append(layer)
+        except Exception:
+            for layer in merged_now:
+                layer.unmerge()
+            raise
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
+    ):
+        # Merge everything first (atomically), then swap the layers for their base layers.
+        if merge:
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
     # ------------------------------------------------------------------------------------------------ adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -134,3 +159,12 @@ class DecayLoraModel(BaseTuner):
                 f"DecayLoRA runs one active adapter at a time (each adapter decays the frozen weight), got {names}."
             )
         super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    # --------------------------------------------------------------------------------------------- compression
+    def compress_and_unload(self, adapter_name: Optional[str] = None, progressbar: bool = False) -> nn.Module:
+        """Replace every adapted layer by its rank-``r`` factorisation (``A`` then ``s * B`` with bias ``C``) and
+        return the unloaded base model; every layer must have reached ``d = 0`` with no noise mean, else a
+        ``CompressionError`` names the layers and nothing changes. See `peft_decaylora.compress_and_unload`."""
+        from .compression import compress_and_unload
+
+        return compress_and_unload(self, adapter_name=adapter_name, progressbar=progressbar)
