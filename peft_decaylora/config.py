@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .fused import normalize_layout
 from .peft_type import extend_peft_type
 from .schedule import schedule_bounds
 
@@ -52,6 +53,15 @@ class DecayLoraConfig(PeftConfig):
         noise_seed (`int`): Seed of the noise. The noise is a function of the seed, the layer, the optimizer step and
             the forward pass within the step, so resumed runs and data-parallel ranks draw the same noise.
         bias_compensation (`bool`): Whether ``C`` is trainable. If False, ``C`` stays 0.
+        fused_layouts (`dict`): Module name or regex -> slice layout of a fused projection whose output concatenates
+            query, key and value: a list of slice sizes (contiguous, e.g. ``[768, 768, 768]``) or
+            ``{"sizes": [...], "repeat": n}`` for slices interleaved per head or group. Noise statistics are taken
+            per slice and each adapted slice gets its own rank-``r`` adapter.
+        detect_fused_layouts (`bool`): Fill in the layouts of known architectures (GPT-2 ``c_attn``, Phi-3
+            ``qkv_proj``, GPT-NeoX and Falcon ``query_key_value``) from the model config. Explicit entries win.
+        fused_enable (`dict`): Module name or regex -> one bool per slice of the layout: which slices are adapted
+            (loralib's ``enable_lora``). Slices that are not adapted keep their frozen weight at every step, without
+            decay or noise, and stay dense after compression.
         modules_to_save (`Optional[list[str]]`): Modules besides the adapters to train and save (e.g. a classifier).
     """
 
@@ -103,6 +113,19 @@ class DecayLoraConfig(PeftConfig):
     )
     noise_seed: int = field(default=0, metadata={"help": "Seed of the reproducible noise sequence."})
     bias_compensation: bool = field(default=True, metadata={"help": "Train the compensation bias C."})
+    fused_layouts: Optional[dict] = field(
+        default_factory=dict,
+        metadata={"help": "Module name or regex -> slice layout of a fused QKV projection (list of sizes, or "
+                  "{'sizes': [...], 'repeat': n})."},
+    )
+    detect_fused_layouts: bool = field(
+        default=True, metadata={"help": "Detect fused QKV layouts of known architectures from the model config."}
+    )
+    fused_enable: Optional[dict] = field(
+        default_factory=dict,
+        metadata={"help": "Module name or regex -> which slices of a fused projection are adapted, e.g. "
+                  "[True, False, True]."},
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}
     )
@@ -136,7 +159,15 @@ class DecayLoraConfig(PeftConfig):
         _check_choice("noise_stats", self.noise_stats, NOISE_STATS)
         if not isinstance(self.noise_seed, numbers.Integral) or isinstance(self.noise_seed, bool):
             raise ValueError(f"`noise_seed` must be an integer, got {self.noise_seed!r}.")
-        for name in ("bias_compensation", "init_weights"):
+        for name, layout in (self.fused_layouts or {}).items():
+            normalize_layout(layout, f"`fused_layouts[{name!r}]`")
+        for name, enabled in (self.fused_enable or {}).items():
+            if not isinstance(enabled, (list, tuple)) or not all(isinstance(e, bool) for e in enabled) or not any(enabled):
+                raise ValueError(
+                    f"`fused_enable[{name!r}]` must be a list of True/False, one per slice, with at least one True; "
+                    f"got {enabled!r}."
+                )
+        for name in ("bias_compensation", "init_weights", "detect_fused_layouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         same_kind = isinstance(self.decay_start, float) == isinstance(self.decay_end, float)

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import DecayLoraConfig
+from .fused import SlicedUpProjection, adapted_row_mask, normalize_layout, slice_ids
 from .schedule import decay_factor, is_resolvable, noise_active, noise_scale
 
 
@@ -134,21 +135,22 @@ def layer_kind(base: nn.Module) -> type[LayerKind]:
     raise TypeError(f"layer type {type(base).__name__} is not supported; supported: {SUPPORTED_LAYERS}.")
 
 
-def weight_statistics(weight: torch.Tensor, mode: str, slices: Optional[list[int]] = None):
+def weight_statistics(weight: torch.Tensor, mode: str, ids: Optional[torch.Tensor] = None):
     """Per-output-channel mean and standard deviation of ``weight`` (canonical layout), shaped to broadcast.
 
-    ``mode="tensor"`` pools each slice of output channels (the whole tensor unless ``slices`` splits a fused
-    projection); ``mode="channel"`` gives every output channel its own statistics.
+    ``mode="tensor"`` pools the rows of each slice (``ids`` gives every row's slice; the whole tensor when None);
+    ``mode="channel"`` gives every output channel its own statistics.
     """
     rows = weight.detach().float().reshape(weight.shape[0], -1)
     if mode == "channel":
         mean, std = rows.mean(dim=1), rows.std(dim=1, unbiased=False)
     else:
-        means, stds = [], []
-        for part in rows.split(slices or [rows.shape[0]]):
-            means.append(part.mean().expand(part.shape[0]))
-            stds.append(part.std(unbiased=False).expand(part.shape[0]))
-        mean, std = torch.cat(means), torch.cat(stds)
+        ids = torch.zeros(rows.shape[0], dtype=torch.long) if ids is None else ids.to(rows.device)
+        mean, std = torch.empty(rows.shape[0], device=rows.device), torch.empty(rows.shape[0], device=rows.device)
+        for slice_id in ids.unique():
+            in_slice = ids == slice_id
+            mean[in_slice] = rows[in_slice].mean()
+            std[in_slice] = rows[in_slice].std(unbiased=False)
     shape = (-1,) + (1,) * (weight.dim() - 1)
     return mean.reshape(shape), std.reshape(shape)
 
@@ -172,9 +174,11 @@ class DecayLoraLayer(BaseTunerLayer):
         "decaylora_step",
         "decaylora_noise_mean",
         "decaylora_noise_std",
+        "decaylora_adapted_rows",
+        "fused_layout",
     )
 
-    def __init__(self, base_layer: nn.Module, layer_key: str = "", **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, layer_key: str = "") -> None:
         self.base_layer = base_layer
         self.kind = layer_kind(self.get_base_layer())
         self.in_features, self.out_features = self.kind.features(self.get_base_layer())
@@ -191,6 +195,9 @@ class DecayLoraLayer(BaseTunerLayer):
         # Statistics of the frozen weight are derived from it, so they are not saved.
         self.decaylora_noise_mean = BufferDict({}, persistent=False)
         self.decaylora_noise_std = BufferDict({}, persistent=False)
+        # Fused projections whose slices are not all adapted: 1 for rows that decay, 0 for rows kept frozen.
+        self.decaylora_adapted_rows = BufferDict({}, persistent=False)
+        self.fused_layout: dict[str, dict] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.layer_key = layer_key
@@ -201,19 +208,45 @@ class DecayLoraLayer(BaseTunerLayer):
         self._forward_index: dict[str, int] = {}
         # Original base weight and bias while merged, so that unmerge is exact even at d = 0.
         self._unmerge_state: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-        self.kwargs = kwargs
 
-    def update_layer(self, adapter_name: str, config: DecayLoraConfig, r: int, lora_alpha: float) -> None:
-        """Add (or re-create) adapter ``adapter_name`` with rank ``r``."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: DecayLoraConfig,
+        r: int,
+        lora_alpha: float,
+        fused_layout: Optional[dict] = None,
+        fused_enable: Optional[list[bool]] = None,
+    ) -> None:
+        """Add (or re-create) adapter ``adapter_name`` with rank ``r`` (per adapted slice, for a fused layout)."""
         if r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {r} for adapter {adapter_name!r}.")
         base = self.get_base_layer()
+        where = self.layer_key or type(base).__name__
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.decaylora_config[adapter_name] = config
         self.decaylora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        A, B = self.kind.make_adapter(base, self.in_features, self.out_features, r)
+        ids = None
+        if fused_layout is None:
+            A, B = self.kind.make_adapter(base, self.in_features, self.out_features, r)
+        else:
+            if self.kind is Conv2dKind:
+                raise TypeError(f"{where}: fused layouts apply to linear projections, not to Conv2d.")
+            fused_layout = normalize_layout(fused_layout, where)
+            ids = slice_ids(fused_layout, self.out_features, where)
+            enabled = [True] * len(fused_layout["sizes"]) if fused_enable is None else list(fused_enable)
+            if len(enabled) != len(fused_layout["sizes"]) or not any(enabled):
+                raise ValueError(
+                    f"{where}: `fused_enable` needs one True/False per slice of {fused_layout} with at least one "
+                    f"True, got {fused_enable!r}."
+                )
+            self.fused_layout[adapter_name] = {**fused_layout, "enable": enabled}
+            A, B = nn.Linear(self.in_features, r * sum(enabled), bias=False), SlicedUpProjection(r, ids, enabled)
+            mask = adapted_row_mask(ids, enabled)
+            if mask is not None:
+                self.decaylora_adapted_rows[adapter_name] = mask
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
         if config.init_weights:
             nn.init.zeros_(B.weight)
@@ -225,11 +258,24 @@ class DecayLoraLayer(BaseTunerLayer):
         if not config.bias_compensation:
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("decaylora_C",)}
         self.decaylora_step[adapter_name] = torch.zeros((), dtype=torch.long)
-        mean, std = weight_statistics(self.kind.weight(base), config.noise_stats)
+        mean, std = weight_statistics(self.kind.weight(base), config.noise_stats, ids)
+        if adapter_name in self.decaylora_adapted_rows:  # frozen slices get no noise and no mean shift
+            rows = self._as_weight_column(self.decaylora_adapted_rows[adapter_name], mean)
+            mean, std = mean * rows, std * rows
         self.decaylora_noise_mean[adapter_name] = mean
         self.decaylora_noise_std[adapter_name] = std
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @staticmethod
+    def _as_weight_column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+    def row_decay(self, adapter_name: str, d: float):
+        """The decay of each output row: ``d`` everywhere, or a vector that is 1 on slices kept frozen."""
+        if adapter_name not in self.decaylora_adapted_rows:
+            return d
+        return 1.0 - self.decaylora_adapted_rows[adapter_name] * (1.0 - d)
 
     # ----------------------------------------------------------------------------------------------- schedule
     def set_step(self, step: int, adapter_names: Optional[list[str]] = None) -> None:
@@ -279,14 +325,18 @@ class DecayLoraLayer(BaseTunerLayer):
         """``d W + N`` with fresh noise when ``sample``, else its expectation ``d W + (1 - d) m``."""
         cfg = self.decaylora_config[adapter_name]
         weight = self.kind.weight(self.get_base_layer()).detach()
+        decay = self.row_decay(adapter_name, d)
+        if torch.is_tensor(decay):
+            decay = self._as_weight_column(decay.to(weight.dtype), weight)
         mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
         if not sample:
-            return torch.add(mean, weight, alpha=d)
+            return torch.addcmul(mean, weight, decay) if torch.is_tensor(decay) else torch.add(mean, weight, alpha=d)
         generator = torch.Generator(device=weight.device)
         generator.manual_seed(self._noise_generator_seed(adapter_name))
         noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
         std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_scale(d, cfg.noise, cfg.noise_threshold)
-        return noise.mul_(std).add_(mean).add_(weight, alpha=d)
+        noise = noise.mul_(std).add_(mean)
+        return noise.addcmul_(weight, decay) if torch.is_tensor(decay) else noise.add_(weight, alpha=d)
 
     def _frozen_output(self, x: torch.Tensor, adapter_name: str, *args, **kwargs) -> Optional[torch.Tensor]:
         """The frozen part ``d (W x + b) + N x``, or None when it is exactly zero (d = 0, no noise mean)."""
@@ -294,28 +344,34 @@ class DecayLoraLayer(BaseTunerLayer):
         d = self.decay_factor(adapter_name)
         if d == 1.0:
             return base(x, *args, **kwargs)
+        decay = self.row_decay(adapter_name, d)
         if not self.noise_active(adapter_name):
-            return None if d == 0.0 else base(x, *args, **kwargs) * d
+            if not torch.is_tensor(decay):
+                return None if d == 0.0 else base(x, *args, **kwargs) * d
+            return base(x, *args, **kwargs) * self.kind.output_bias(decay)
         weight = self._effective_frozen_weight(adapter_name, d, sample=self.training)
-        bias = None if base.bias is None else base.bias * d
+        bias = None if base.bias is None else base.bias * decay
         return self.kind.frozen_product(base, x, weight, bias)
 
     # ------------------------------------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s B A`` in the canonical ``(out, in, ...)`` layout."""
         A, B = self.decaylora_A[adapter_name], self.decaylora_B[adapter_name]
-        return self.kind.product_of(A, B) * self.scaling[adapter_name]
+        product = B.dense_product(A.weight) if isinstance(B, SlicedUpProjection) else self.kind.product_of(A, B)
+        return product * self.scaling[adapter_name]
 
     def merged_parameters(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``W' = d W + mu_N + s B A`` (canonical layout) and ``b' = d b + C`` (None if both are absent/zero)."""
         base = self.get_base_layer()
         d = self.decay_factor(adapter_name)
+        decay = self.row_decay(adapter_name, d)
         weight = self.kind.weight(base).detach().float()
+        column = self._as_weight_column(decay, weight) if torch.is_tensor(decay) else decay
         mean = self.decaylora_noise_mean[adapter_name].float() * (1.0 - d) if self.noise_active(adapter_name) else 0.0
-        merged_weight = weight * d + mean + self.get_delta_weight(adapter_name).detach().float()
+        merged_weight = weight * column + mean + self.get_delta_weight(adapter_name).detach().float()
         C = self.decaylora_C[adapter_name].detach().float()
         if base.bias is not None:
-            merged_bias = base.bias.detach().float() * d + C
+            merged_bias = base.bias.detach().float() * decay + C
         else:
             merged_bias = C if bool(C.any()) else None
         return merged_weight, merged_bias
@@ -415,12 +471,11 @@ class DecayLoraLayer(BaseTunerLayer):
 class DecayLoraModule(nn.Module, DecayLoraLayer):
     """A base layer wrapped with one or more DecayLoRA adapters."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DecayLoraConfig, r: int,
-                 lora_alpha: float, layer_key: str = "", **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, layer_key: str = "", **adapter_kwargs) -> None:
         super().__init__()
-        DecayLoraLayer.__init__(self, base_layer, layer_key=layer_key, **kwargs)
+        DecayLoraLayer.__init__(self, base_layer, layer_key=layer_key)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config=config, r=r, lora_alpha=lora_alpha)
+        self.update_layer(adapter_name, **adapter_kwargs)
 
     forward = DecayLoraLayer.forward
     __repr__ = DecayLoraLayer.__repr__

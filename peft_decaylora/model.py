@@ -10,6 +10,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import DecayLoraConfig
+from .fused import detect_fused_layouts
 from .layer import DecayLoraLayer, DecayLoraModule, layer_kind
 from .schedule import noise_scale, schedule_bounds
 
@@ -49,6 +50,12 @@ class DecayLoraModel(BaseTuner):
                 "changed. Narrow `target_modules` or add the modules to `exclude_modules`."
             )
 
+    def _prepare_adapter_config(self, config: DecayLoraConfig, model_config: dict) -> DecayLoraConfig:
+        config = super()._prepare_adapter_config(config, model_config)
+        if config.detect_fused_layouts:
+            config.fused_layouts = {**detect_fused_layouts(model_config), **(config.fused_layouts or {})}
+        return config
+
     def _create_and_replace(
         self, config: DecayLoraConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ):
@@ -57,12 +64,17 @@ class DecayLoraModel(BaseTuner):
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
         lora_alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        fused_layout = config.fused_layouts.get(get_pattern_key(config.fused_layouts.keys(), current_key))
+        fused_enable = config.fused_enable.get(get_pattern_key(config.fused_enable.keys(), current_key))
+        if fused_enable is not None and fused_layout is None:
+            raise ValueError(
+                f"`fused_enable` names {current_key!r}, but no fused layout is known for it; add it to `fused_layouts`."
+            )
+        kwargs = dict(config=config, r=r, lora_alpha=lora_alpha, fused_layout=fused_layout, fused_enable=fused_enable)
         if isinstance(target, DecayLoraLayer):
-            target.update_layer(adapter_name, config=config, r=r, lora_alpha=lora_alpha)
+            target.update_layer(adapter_name, **kwargs)
             return
-        new_module = DecayLoraModule(
-            target, adapter_name, config=config, r=r, lora_alpha=lora_alpha, layer_key=current_key
-        )
+        new_module = DecayLoraModule(target, adapter_name, layer_key=current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is activated
             new_module.requires_grad_(False)
