@@ -91,14 +91,16 @@ class SlicedUpProjection(nn.Module):
         self.weight = nn.Parameter(torch.zeros(sum(self.slice_sizes), r))
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``B h`` plus ``bias`` (or the module's own bias when None)."""
         parts = [
             F.linear(h_i, w_i) for h_i, w_i in zip(h.split(self.r, dim=-1), self.weight.split(self.slice_sizes))
         ]
         y = torch.cat(parts, dim=-1)
         if not self.covers_all_rows:
             y = y.new_zeros(*y.shape[:-1], self.out_features).index_copy(-1, self.rows, y)
-        return y if self.bias is None else y + self.bias
+        bias = self.bias if bias is None else bias
+        return y if bias is None else y + bias
 
     def dense_product(self, A_weight: torch.Tensor) -> torch.Tensor:
         """The ``(out, in)`` weight of ``self(A(.))`` (zero rows for slices that are not adapted)."""

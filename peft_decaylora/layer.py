@@ -57,7 +57,12 @@ class LayerKind:
         return B.weight @ A.weight
 
     @staticmethod
-    def output_bias(c: torch.Tensor) -> torch.Tensor:
+    def up_projection(B: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``B h + bias`` in one kernel (the bias rides on the product instead of a separate pass)."""
+        return F.linear(h, B.weight, bias)
+
+    @staticmethod
+    def channel_view(c: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector shaped to broadcast against the layer output."""
         return c
 
@@ -112,7 +117,11 @@ class Conv2dKind(LayerKind):
         return torch.einsum("or,rihw->oihw", B.weight[:, :, 0, 0], A.weight)
 
     @staticmethod
-    def output_bias(c: torch.Tensor) -> torch.Tensor:
+    def up_projection(B: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return B._conv_forward(h, B.weight, bias)
+
+    @staticmethod
+    def channel_view(c: torch.Tensor) -> torch.Tensor:
         return c[:, None, None]
 
 
@@ -281,8 +290,9 @@ class DecayLoraLayer(BaseTunerLayer):
     def set_step(self, step: int, adapter_names: Optional[list[str]] = None) -> None:
         """Move the schedule of the given adapters (default: all) to optimizer step ``step``."""
         for name in adapter_names if adapter_names is not None else list(self.decaylora_step.keys()):
-            self.decaylora_step[name].fill_(int(step))
+            buffer = self.decaylora_step[name].fill_(int(step))
             self._forward_index.pop(name, None)
+            self._host_step[name] = (buffer, buffer._version, int(step))  # known on the host: no device read
 
     def get_step(self, adapter_name: str) -> int:
         """The schedule position of ``adapter_name``, read from its buffer only when the buffer changed."""
@@ -348,7 +358,7 @@ class DecayLoraLayer(BaseTunerLayer):
         if not self.noise_active(adapter_name):
             if not torch.is_tensor(decay):
                 return None if d == 0.0 else base(x, *args, **kwargs) * d
-            return base(x, *args, **kwargs) * self.kind.output_bias(decay)
+            return base(x, *args, **kwargs) * self.kind.channel_view(decay)
         weight = self._effective_frozen_weight(adapter_name, d, sample=self.training)
         bias = None if base.bias is None else base.bias * decay
         return self.kind.frozen_product(base, x, weight, bias)
@@ -458,8 +468,9 @@ class DecayLoraLayer(BaseTunerLayer):
         frozen = self._frozen_output(x, adapter_name, *args, **kwargs)
         A, B = self.decaylora_A[adapter_name], self.decaylora_B[adapter_name]
         x_adapter = self._cast_input_dtype(self.decaylora_dropout[adapter_name](x), A.weight.dtype)
-        C = self.kind.output_bias(self.decaylora_C[adapter_name])
-        result = B(A(x_adapter)) * self.scaling[adapter_name] + C
+        h = A(x_adapter) * self.scaling[adapter_name]  # scale the rank-r activations, the cheapest place
+        C = self.decaylora_C[adapter_name]
+        result = B(h, C) if isinstance(B, SlicedUpProjection) else self.kind.up_projection(B, h, C)
         if frozen is not None:
             result = frozen + result.to(frozen.dtype)
         return result.to(previous_dtype)
