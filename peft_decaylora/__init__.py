@@ -7,11 +7,13 @@ Importing this package adds ``DECAYLORA`` to ``peft.PeftType`` and registers the
 from peft.utils import register_peft_method
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from .compression import CompressedLayer, CompressionError, compress_and_unload, load_compressed, save_compressed
 from .config import DecayLoraConfig
 from .layer import DecayLoraLayer, DecayLoraModule
 from .model import DecayLoraModel
 from .peft_type import PEFT_TYPE_NAME, extend_peft_type
 from .schedule import decay_factor, noise_active, noise_scale
+from .training import DecayLoraCallback, attach_schedule
 
 __version__ = "0.1.0"
 
@@ -22,12 +24,19 @@ if PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_TYPE) is not DecayLoraConfig:
     raise RuntimeError("peft_decaylora: registering DecayLoraConfig with PEFT failed; PEFT's registry changed.")
 
 __all__ = [
+    "DecayLoraCallback",
+    "attach_schedule",
+    "CompressedLayer",
+    "CompressionError",
     "DecayLoraConfig",
     "DecayLoraLayer",
     "DecayLoraModel",
     "DecayLoraModule",
     "PEFT_TYPE",
+    "compress_and_unload",
     "decay_factor",
+    "load_compressed",
     "noise_active",
     "noise_scale",
+    "save_compressed",
 ]

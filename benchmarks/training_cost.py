@@ -1,0 +1,118 @@
+"""Training cost of DecayLoRA against PEFT's LoRA: step time and memory held for backward, per schedule phase.
+
+Same model (all-MiniLM-L6-v2, offline), same rank, targets, batch and process; the two models take turns
+(interleaved rounds) and the median step (forward, backward, AdamW step) is reported as a ratio to LoRA. Memory is
+the peak allocated GPU memory on CUDA; on CPU, where PyTorch keeps no allocator statistics, it is the bytes of the
+tensors autograd saves for backward (what a training step holds beyond the weights), counted once per storage.
+
+Targets (issue 6): step time at most 1.10x LoRA's while noise is on, 1.02x without noise, below LoRA at d = 0;
+memory at most 1.05x LoRA's.
+
+    python benchmarks/training_cost.py                  # CPU, writes the table into BENCHMARKS.md
+    python benchmarks/training_cost.py --device cuda    # GPU rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+import peft_decaylora  # noqa: F401
+from common import MINILM_TARGETS, hardware, load_minilm, markdown_table, median_time, text_batch, write_section
+from peft_decaylora import DecayLoraConfig
+
+TOTAL = 100
+PHASES = {"warm-up (d=1)": 0, "decay + noise (d=0.5)": 50, "decay, no noise (d=0.2)": 80, "d=0": 100}
+
+
+def saved_bytes(step_fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``step_fn``."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step_fn()
+    return sum(storages.values())
+
+
+def peak_cuda_bytes(step_fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step_fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Hub name instead of the packaged all-MiniLM-L6-v2")
+    parser.add_argument("--r", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="steps per model per round")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not update BENCHMARKS.md")
+    args = parser.parse_args()
+
+    base, tokenizer = load_minilm(args.model)
+    batch = {k: v.to(args.device) for k, v in text_batch(tokenizer, args.batch, args.max_length).items()}
+    batch["labels"] = torch.arange(args.batch, device=args.device) % 2
+    common = dict(r=args.r, lora_alpha=args.r, target_modules=MINILM_TARGETS, modules_to_save=["classifier"])
+    models = {
+        "LoRA": get_peft_model(copy.deepcopy(base), LoraConfig(**common)),
+        "DecayLoRA": get_peft_model(copy.deepcopy(base), DecayLoraConfig(total_steps=TOTAL, noise="vanish", **common)),
+    }
+    optimizers = {}
+    for name, model in models.items():
+        model.to(args.device).train()
+        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(name):
+        def run():
+            loss = models[name](**batch).loss
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+        return run
+
+    for name in models:  # warm-up: kernels, allocator, optimizer state
+        for _ in range(2):
+            step(name)()
+
+    memory = peak_cuda_bytes if args.device == "cuda" else saved_bytes
+    memory_label = "peak GPU memory" if args.device == "cuda" else "saved for backward"
+    rows = []
+    for phase, position in PHASES.items():
+        models["DecayLoRA"].base_model.set_step(position)
+        times = {name: [] for name in models}
+        for _ in range(args.rounds):
+            for name in models:
+                times[name].append(median_time(step(name), args.repeats, args.device))
+        lora_t, decay_t = (sorted(times[n])[len(times[n]) // 2] for n in ("LoRA", "DecayLoRA"))
+        lora_m, decay_m = memory(step("LoRA")), memory(step("DecayLoRA"))
+        rows.append([phase, f"{lora_t * 1e3:.1f}", f"{decay_t * 1e3:.1f}", f"{decay_t / lora_t:.3f}",
+                     f"{lora_m / 2**20:.1f}", f"{decay_m / 2**20:.1f}", f"{decay_m / lora_m:.3f}"])
+    header = ["phase", "LoRA step ms", "DecayLoRA step ms", "time ratio", f"LoRA MiB ({memory_label})",
+              f"DecayLoRA MiB", "memory ratio"]
+    table = markdown_table(header, rows)
+    print(table)
+    command = "python benchmarks/training_cost.py" + (f" --device {args.device}" if args.device != "cpu" else "")
+    body = (
+        f"### Training cost against PEFT LoRA ({args.device})\n\n`{command}`: all-MiniLM-L6-v2, r={args.r} on "
+        f"{', '.join(MINILM_TARGETS)}, classifier trained, batch {args.batch} x {args.max_length} tokens, AdamW; "
+        f"median of {args.rounds} interleaved rounds of {args.repeats} steps.\nHardware: {hardware(args.device)}.\n\n"
+        + table
+    )
+    if not args.no_write:
+        write_section(f"training-cost-{args.device}", body)
+
+
+if __name__ == "__main__":
+    main()
