@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import DecayLoraConfig
 from .fused import detect_fused_layouts
-from .layer import DecayLoraLayer, DecayLoraModule, layer_kind
+from .layer import SUPPORTED_LAYERS, DecayLoraLayer, DecayLoraModule, layer_kind
 from .schedule import noise_scale, schedule_bounds
 
 
@@ -36,9 +36,12 @@ class DecayLoraModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: DecayLoraConfig, adapter_name: str) -> None:
         """Check every targeted module before any is replaced, so that a bad target leaves the model unchanged."""
-        unsupported = []
+        matched, unsupported = [], []
         for key, module in model.named_modules():
-            if isinstance(module, BaseTunerLayer) or not self._check_target_module_exists(config, key):
+            if not self._check_target_module_exists(config, key):
+                continue
+            matched.append(key)
+            if isinstance(module, BaseTunerLayer):
                 continue
             try:
                 layer_kind(module)
@@ -48,6 +51,12 @@ class DecayLoraModel(BaseTuner):
             raise TypeError(
                 "DecayLoRA cannot adapt these target modules: " + "; ".join(unsupported) + ". The model was not "
                 "changed. Narrow `target_modules` or add the modules to `exclude_modules`."
+            )
+        if not matched and config.target_modules is not None and not isinstance(config.target_modules, str):
+            candidates = sorted({key.rsplit(".", 1)[-1] for key, module in model.named_modules() if _adaptable(module)})
+            raise ValueError(
+                f"Target modules {sorted(config.target_modules)} match no module of the model. Modules DecayLoRA "
+                f"can adapt ({SUPPORTED_LAYERS}) are named: {candidates}."
             )
 
     def _prepare_adapter_config(self, config: DecayLoraConfig, model_config: dict) -> DecayLoraConfig:
@@ -180,3 +189,11 @@ class DecayLoraModel(BaseTuner):
         from .compression import compress_and_unload
 
         return compress_and_unload(self, adapter_name=adapter_name, progressbar=progressbar)
+
+
+def _adaptable(module: nn.Module) -> bool:
+    try:
+        layer_kind(module)
+        return True
+    except TypeError:
+        return False
