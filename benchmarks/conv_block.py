@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_decaylora  # noqa: F401
+from common import hardware, markdown_table, median_time, write_section
 from peft_decaylora import DecayLoraConfig
 
 PHASES = {"warm-up (d=1)": 0, "decay + noise (d=0.5)": 50, "decay, no noise (d=0.2)": 80, "d=0": 100}
@@ -39,16 +38,7 @@ class ConvBlock(nn.Module):
 
 
 def step_time(model, x, repeats: int, device: str) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(x).square().mean().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+    return [median_time(lambda: model(x).square().mean().backward(), 1, device) for _ in range(repeats)]
 
 
 def main():
@@ -60,6 +50,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
     parser.add_argument("--repeats", type=int, default=5, help="steps per model per round")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not update BENCHMARKS.md")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -74,10 +65,7 @@ def main():
     for model in (lora, decay):  # warm up kernels and allocator
         step_time(model, x, 2, args.device)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    print(f"# Conv2d block: 2 x Conv2d({args.channels}, {args.channels}, 3), input {tuple(x.shape)}, r={args.r}")
-    print(f"# device: {args.device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'phase':<26}{'LoRA ms':>10}{'DecayLoRA ms':>14}{'ratio':>8}")
+    rows = []
     for phase, step in PHASES.items():
         decay.base_model.set_step(step)
         lora_times, decay_times = [], []
@@ -85,7 +73,18 @@ def main():
             lora_times += step_time(lora, x, args.repeats, args.device)
             decay_times += step_time(decay, x, args.repeats, args.device)
         lora_ms, decay_ms = 1e3 * statistics.median(lora_times), 1e3 * statistics.median(decay_times)
-        print(f"{phase:<26}{lora_ms:>10.2f}{decay_ms:>14.2f}{decay_ms / lora_ms:>8.3f}")
+        rows.append([phase, f"{lora_ms:.2f}", f"{decay_ms:.2f}", f"{decay_ms / lora_ms:.3f}"])
+    table = markdown_table(["phase", "LoRA ms", "DecayLoRA ms", "ratio"], rows)
+    print(table)
+    command = "python benchmarks/conv_block.py" + (f" --device {args.device}" if args.device != "cpu" else "")
+    body = (
+        f"### Conv2d block, forward + backward, against PEFT LoRA ({args.device})\n\n`{command}`: 2 x Conv2d("
+        f"{args.channels}, {args.channels}, 3), input {tuple(x.shape)}, r={args.r}; median of {args.rounds} "
+        f"interleaved rounds of {args.repeats}. Targets: <= 1.2x with noise, <= 1.05x after.\n"
+        f"Hardware: {hardware(args.device)}.\n\n" + table
+    )
+    if not args.no_write:
+        write_section(f"conv-block-{args.device}", body)
 
 
 if __name__ == "__main__":
