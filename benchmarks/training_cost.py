@@ -3,7 +3,8 @@
 Same model (all-MiniLM-L6-v2, offline), same rank, targets, batch and process; the two models take turns
 (interleaved rounds) and the median step (forward, backward, AdamW step) is reported as a ratio to LoRA. Memory is
 the peak allocated GPU memory on CUDA; on CPU, where PyTorch keeps no allocator statistics, it is the bytes of the
-tensors autograd saves for backward (what a training step holds beyond the weights), counted once per storage.
+tensors autograd saves for backward (what a training step holds beyond the weights), counted once per storage,
+parameters excluded.
 
 Targets (issue 6): step time at most 1.10x LoRA's while noise is on, 1.02x without noise, below LoRA at d = 0;
 memory at most 1.05x LoRA's.
@@ -28,12 +29,16 @@ TOTAL = 100
 PHASES = {"warm-up (d=1)": 0, "decay + noise (d=0.5)": 50, "decay, no noise (d=0.2)": 80, "d=0": 100}
 
 
-def saved_bytes(step_fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``step_fn``."""
+def saved_bytes(step_fn, model) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``step_fn``, parameters excluded (they
+    are resident anyway; a saved *derived* weight, such as DecayLoRA's noisy weight, counts)."""
+    resident = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
     def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in resident:
+            storages[pointer] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -41,7 +46,7 @@ def saved_bytes(step_fn) -> int:
     return sum(storages.values())
 
 
-def peak_cuda_bytes(step_fn) -> int:
+def peak_cuda_bytes(step_fn, model) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step_fn()
@@ -96,7 +101,7 @@ def main():
             for name in models:
                 times[name].append(median_time(step(name), args.repeats, args.device))
         lora_t, decay_t = (sorted(times[n])[len(times[n]) // 2] for n in ("LoRA", "DecayLoRA"))
-        lora_m, decay_m = memory(step("LoRA")), memory(step("DecayLoRA"))
+        lora_m, decay_m = memory(step("LoRA"), models["LoRA"]), memory(step("DecayLoRA"), models["DecayLoRA"])
         rows.append([phase, f"{lora_t * 1e3:.1f}", f"{decay_t * 1e3:.1f}", f"{decay_t / lora_t:.3f}",
                      f"{lora_m / 2**20:.1f}", f"{decay_m / 2**20:.1f}", f"{decay_m / lora_m:.3f}"])
     header = ["phase", "LoRA step ms", "DecayLoRA step ms", "time ratio", f"LoRA MiB ({memory_label})",

@@ -18,8 +18,26 @@ Flags choose the rank, the length of the run, the target modules, and a Hub mode
 packaged ones (``--model sentence-transformers/all-MiniLM-L6-v2 --dataset cornell-movie-review-data/rotten_tomatoes``).
 ``python examples/finetune_and_compress.py --help`` lists them all.
 
-Measured with the defaults (2 shared CPU cores, torch 2.13 CPU; see README.md for the table):
-  MEASURED_RESULTS_PLACEHOLDER
+Defaults: DecayLoRA r=96 (lora_alpha=96) on the feed-forward layers of all 6 blocks (``intermediate.dense``,
+``output.dense``), classifier and pooler trained in full, noise off, d from 1 to 0 between 10% and 70% of the run,
+2 epochs (642 steps of 32), lr 5e-4 with linear warm-up/decay; 10,252 training, 500 validation (for the curve),
+2,000 held-out test snippets (stratified, never used for choices made during the run).
+
+Measured with the defaults (torch 2.13 CPU, 2 cores shared with other jobs):
+                             DecayLoRA (PeftModel)  merged (original size)  compressed
+  held-out accuracy                         0.7770                  0.7770      0.7770
+  adapted-layer parameters                                       7,089,408   2,223,360
+  total parameters                                              22,713,986  17,847,938
+  size on disk (safetensors)                                      86.7 MiB    68.1 MiB
+  CPU latency / batch of 64                 258 ms                  420 ms      260 ms
+  wall time 10 min 32 s with the machine's load average at 3-3.7 (the same run took 4 min 13 s when it was ~1.5);
+  the compressed model reloaded from disk gives identical logits.
+
+Other settings measured on the same split (accuracy of the compressed model on the 2,000 test snippets):
+  feed-forward r=96: 1 epoch 0.773, 2 epochs 0.7785 (lr 1e-3) / 0.7785 (lr 5e-4, another run 0.777), 3 epochs 0.7845
+  (lr 1e-3); lr 2e-3 diverged (0.60).  Attention too (``--target-modules query,key,value,dense``, r=96, 2 epochs,
+  lr 1e-3): 0.753, with 70.8% of the parameters and 48% of the dense latency.  For reference, on this task full
+  fine-tuning reached 0.823 and LoRA r=32 0.820 (uncompressed models of the original size).
 """
 
 from __future__ import annotations
@@ -33,6 +51,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads made training
+# several times slower here. Must be set before torch starts its thread pool; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -68,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rank", "-r", type=int, default=96, help="Adapter rank = rank of each compressed layer.")
     g.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: equal to --rank, i.e. s = 1).")
     g.add_argument("--target-modules", default=DEFAULT_TARGETS,
-                   help="Comma-separated module names to adapt and compress, or a regex (matched by PEFT).")
+                   help="Comma-separated module names to adapt and compress, or a regex (full match, as in PEFT). "
+                        "The default is the feed-forward block of BERT-style encoders; add attention with "
+                        "'query,key,value,dense'.")
     g.add_argument("--modules-to-save", default="classifier,pooler",
                    help="Comma-separated modules trained in full (the new classifier head must be one).")
     g.add_argument("--noise", default="off", choices=["vanish", "keep", "off"], help="Noise schedule.")

@@ -14,8 +14,15 @@ The 3 x 3 depthwise convolutions (``groups == channels``) cannot hold a dense lo
 (``modules_to_save``). The loop is plain PyTorch: ``attach_schedule`` advances the decay once per optimizer step.
 After training every adapted ``Conv2d(in, out, k)`` becomes ``Conv2d(in, r, k)`` then ``Conv2d(r, out, 1)``.
 
-Measured with the defaults (6,000 training images, 2 epochs = 188 steps, 64 x 64 inputs, 2 shared CPU cores):
-  MEASURED_RESULTS_PLACEHOLDER
+Measured with the defaults (rank 64, stem rank 8, 6,000 training images, 3 epochs = 279 steps of 64, 64 x 64
+inputs, lr 2e-3, noise off; 2 CPU cores shared with other jobs, load average ~5; 4 min 17 s wall time):
+                                before    compressed
+    test accuracy               0.8080        0.8080    (2,000 Fashion-MNIST test images; before = DecayLoRA model)
+    adapted-layer parameters  1,485,664       548,024
+    total parameters          2,236,682     1,299,042    (58%)
+    CPU latency / 250 images   1145 ms       1132 ms    (before = the original architecture)
+The adapted layers run at 2 x 2 to 4 x 4 pixels, so they hold 66% of the parameters but little of the compute: the
+latency does not change. A run with ``OMP_NUM_THREADS=1`` reached 0.8205; rank 32 with 2 epochs reached 0.741.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ import copy
 import os
 import sys
 import time
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads made training
+# several times slower here. Must be set before torch starts its thread pool; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
@@ -106,16 +117,19 @@ def evaluate(model, images, labels, size, batch_size=250) -> float:
 
 
 @torch.inference_mode()
-def latency(model, images, size, repeats=10) -> float:
+def latencies(models: dict, images, size, repeats=5) -> dict:
+    """Seconds per batch of 250 images, best of ``repeats``, the models interleaved (fair on a shared machine)."""
     x = preprocess(images[:250], size)
-    model.eval()
-    model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    times = {name: [] for name in models}
+    for model in models.values():
+        model.eval()
         model(x)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def n_params(module) -> int:
@@ -128,12 +142,12 @@ TARGETS = r"features\.0\.0|features\.(1[5-7])\.conv\.(0\.0|2)|features\.18\.0"
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rank", type=int, default=32, help="Rank of the adapted 1 x 1 convolutions.")
+    p.add_argument("--rank", type=int, default=64, help="Rank of the adapted 1 x 1 convolutions.")
     p.add_argument("--stem-rank", type=int, default=8, help="Rank of the 3 x 3 stem convolution.")
     p.add_argument("--target-modules", default=TARGETS, help="Regex of the Conv2d modules to adapt.")
     p.add_argument("--train-size", type=int, default=6000)
     p.add_argument("--test-size", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--image-size", type=int, default=64)
@@ -194,10 +208,10 @@ def main(argv=None) -> dict:
     bar.close()
 
     acc_decaylora = evaluate(model, test_images, test_labels, args.image_size)
-    lat_original = latency(original, test_images, args.image_size)
     compressed = model.compress_and_unload()
     acc_compressed = evaluate(compressed, test_images, test_labels, args.image_size)
-    lat_compressed = latency(compressed, test_images, args.image_size)
+    lat = latencies({"original": original, "compressed": compressed}, test_images, args.image_size)
+    lat_original, lat_compressed = lat["original"], lat["compressed"]
     adapted_after = sum(n_params(compressed.get_submodule(k.removeprefix("base_model.model."))) for k in adapted)
     params_after = n_params(compressed)
     save_dir = save_compressed(compressed, os.path.join(args.output_dir, "compressed"))

@@ -1,7 +1,7 @@
 """Compression (METHOD.md, "Compression"): exact low-rank replacement, refusal before d = 0, save and load."""
 
-import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -283,7 +283,9 @@ def test_load_in_a_fresh_process(tmp_path):
         print("ok", sum(p.numel() for p in model.parameters()))
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", str(sum(p.numel() for p in compressed.parameters()))]
 
@@ -336,11 +338,16 @@ def test_main_job_end_to_end_tiny(tmp_path):
     except assets.AssetNotFoundError as error:
         pytest.skip(str(error))
     start = time.perf_counter()
-    results = _main_job().main([
-        "--train-size", "48", "--validation-size", "16", "--test-size", "32", "--max-steps", "3", "--rank", "4",
-        "--batch-size", "16", "--eval-batch-size", "16", "--max-length", "32", "--evals", "1",
-        "--latency-batches", "2", "--no-progress", "--output-dir", str(tmp_path / "run"),
-    ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is as fast, and far faster on a loaded machine
+    try:
+        results = _main_job().main([
+            "--train-size", "48", "--validation-size", "16", "--test-size", "32", "--max-steps", "3", "--rank", "4",
+            "--batch-size", "16", "--eval-batch-size", "16", "--max-length", "32", "--evals", "1",
+            "--latency-batches", "2", "--no-progress", "--output-dir", str(tmp_path / "run"),
+        ])
+    finally:
+        torch.set_num_threads(threads)
     assert results["total_steps"] == 3
     accuracy = results["accuracy"]
     assert accuracy["compressed"] == accuracy["decaylora"] == accuracy["merged"]
@@ -363,3 +370,23 @@ def test_main_job_default_run(tmp_path):
     assert accuracy["compressed"] > 0.70
     assert results["total_parameters"]["after"] < 0.85 * results["total_parameters"]["before"]
     assert results["wall_seconds"] < 15 * 60
+
+
+def test_conv_example_model_loads_the_imagenet_weights_and_targets_only_full_convs():
+    assets = pytest.importorskip("examples.assets")
+    try:
+        assets.mobilenet_v2_state_dict_path()
+    except assets.AssetNotFoundError as error:
+        pytest.skip(str(error))
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import image_classification_conv as example
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    model = example.pretrained_mobilenet_v2(num_classes=10)  # strict load of torchvision's state dict
+    peft_model = get_peft_model(model, DecayLoraConfig(r=4, target_modules=example.TARGETS, modules_to_save=["classifier"]))
+    adapted = [k for k, m in peft_model.named_modules() if isinstance(m, DecayLoraModule)]
+    assert len(adapted) == 8 and all(m.groups == 1 for m in (peft_model.get_submodule(k).get_base_layer()
+                                                              for k in adapted))
+    with pytest.raises(TypeError, match="depthwise"):
+        get_peft_model(example.MobileNetV2(10), DecayLoraConfig(r=4, target_modules=[r"features.15.conv.1.0"]))
