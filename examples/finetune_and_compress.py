@@ -29,8 +29,9 @@ Measured with the defaults (torch 2.13 CPU, 2 cores shared with other jobs):
   adapted-layer parameters                                       7,089,408   2,223,360
   total parameters                                              22,713,986  17,847,938
   size on disk (safetensors)                                      86.7 MiB    68.1 MiB
-  CPU latency / batch of 64                 258 ms                  420 ms      260 ms
-  wall time 10 min 32 s with the machine's load average at 3-3.7 (the same run took 4 min 13 s when it was ~1.5);
+  CPU latency / batch of 64                 272 ms                  426 ms      268 ms
+  wall time 7 min 30 s with the machine's load average at 3.5-5 (4 min 13 s when it was ~1.5; 10 min 32 s at 3-3.7
+  before the script set OMP_WAIT_POLICY=PASSIVE);
   the compressed model reloaded from disk gives identical logits.
 
 Other settings measured on the same split (accuracy of the compressed model on the 2,000 test snippets):
