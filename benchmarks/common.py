@@ -78,3 +78,12 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     REPORT.write_text(text)
     print(f"wrote section '{name}' of {REPORT}")
+
+
+def report(section: str, script: str, args, title: str, description: str, table: str) -> None:
+    """Print ``table`` and, unless ``--no-write``, put it with its command and hardware into BENCHMARKS.md."""
+    print(table)
+    command = f"python benchmarks/{script}" + (f" --device {args.device}" if args.device != "cpu" else "")
+    body = f"### {title} ({args.device})\n\n`{command}`: {description}\nHardware: {hardware(args.device)}.\n\n{table}"
+    if not args.no_write:
+        write_section(f"{section}-{args.device}", body)

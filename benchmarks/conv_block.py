@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_decaylora  # noqa: F401
-from common import hardware, markdown_table, median_time, write_section
+from common import markdown_table, median_time, report
 from peft_decaylora import DecayLoraConfig
 
 PHASES = {"warm-up (d=1)": 0, "decay + noise (d=0.5)": 50, "decay, no noise (d=0.2)": 80, "d=0": 100}
@@ -75,16 +75,12 @@ def main():
         lora_ms, decay_ms = 1e3 * statistics.median(lora_times), 1e3 * statistics.median(decay_times)
         rows.append([phase, f"{lora_ms:.2f}", f"{decay_ms:.2f}", f"{decay_ms / lora_ms:.3f}"])
     table = markdown_table(["phase", "LoRA ms", "DecayLoRA ms", "ratio"], rows)
-    print(table)
-    command = "python benchmarks/conv_block.py" + (f" --device {args.device}" if args.device != "cpu" else "")
-    body = (
-        f"### Conv2d block, forward + backward, against PEFT LoRA ({args.device})\n\n`{command}`: 2 x Conv2d("
-        f"{args.channels}, {args.channels}, 3), input {tuple(x.shape)}, r={args.r}; median of {args.rounds} "
-        f"interleaved rounds of {args.repeats}. Targets: <= 1.2x with noise, <= 1.05x after.\n"
-        f"Hardware: {hardware(args.device)}.\n\n" + table
+    description = (
+        f"2 x Conv2d({args.channels}, {args.channels}, 3), input {tuple(x.shape)}, r={args.r}; median of "
+        f"{args.rounds} interleaved rounds of {args.repeats}. Targets: <= 1.2x with noise, <= 1.05x after."
     )
-    if not args.no_write:
-        write_section(f"conv-block-{args.device}", body)
+    report("conv-block", "conv_block.py", args, "Conv2d block, forward + backward, against PEFT LoRA", description,
+           table)
 
 
 if __name__ == "__main__":

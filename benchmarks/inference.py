@@ -23,7 +23,7 @@ import torch
 from peft import get_peft_model
 
 import peft_decaylora  # noqa: F401
-from common import MINILM_TARGETS, hardware, load_minilm, markdown_table, median_time, text_batch, write_section
+from common import MINILM_TARGETS, load_minilm, markdown_table, median_time, report, text_batch
 from peft_decaylora import DecayLoraConfig, DecayLoraLayer, save_compressed
 from peft_decaylora.compression import directory_size
 
@@ -86,16 +86,11 @@ def main():
     for b in batches:
         header += [f"batch {b} ms dense / compressed", f"speed-up b{b}"]
     table = markdown_table(header, rows)
-    print(table)
-    command = "python benchmarks/inference.py" + (f" --device {args.device}" if args.device != "cpu" else "")
-    body = (
-        f"### Inference of the compressed model ({args.device})\n\n`{command}`: all-MiniLM-L6-v2, every encoder "
-        f"Linear compressed ({', '.join(MINILM_TARGETS)}), {args.max_length} tokens per example, eval mode, no "
-        f"gradients, median of {args.rounds} interleaved rounds of {args.repeats}.\n"
-        f"Hardware: {hardware(args.device)}.\n\n" + table
+    description = (
+        f"all-MiniLM-L6-v2, every encoder Linear compressed ({', '.join(MINILM_TARGETS)}), {args.max_length} tokens "
+        f"per example, eval mode, no gradients, median of {args.rounds} interleaved rounds of {args.repeats}."
     )
-    if not args.no_write:
-        write_section(f"inference-{args.device}", body)
+    report("inference", "inference.py", args, "Inference of the compressed model", description, table)
 
 
 if __name__ == "__main__":

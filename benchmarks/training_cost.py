@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import peft_decaylora  # noqa: F401
-from common import MINILM_TARGETS, hardware, load_minilm, markdown_table, median_time, text_batch, write_section
+from common import MINILM_TARGETS, load_minilm, markdown_table, median_time, report, text_batch
 from peft_decaylora import DecayLoraConfig
 
 TOTAL = 100
@@ -107,16 +107,11 @@ def main():
     header = ["phase", "LoRA step ms", "DecayLoRA step ms", "time ratio", f"LoRA MiB ({memory_label})",
               f"DecayLoRA MiB", "memory ratio"]
     table = markdown_table(header, rows)
-    print(table)
-    command = "python benchmarks/training_cost.py" + (f" --device {args.device}" if args.device != "cpu" else "")
-    body = (
-        f"### Training cost against PEFT LoRA ({args.device})\n\n`{command}`: all-MiniLM-L6-v2, r={args.r} on "
-        f"{', '.join(MINILM_TARGETS)}, classifier trained, batch {args.batch} x {args.max_length} tokens, AdamW; "
-        f"median of {args.rounds} interleaved rounds of {args.repeats} steps.\nHardware: {hardware(args.device)}.\n\n"
-        + table
+    description = (
+        f"all-MiniLM-L6-v2, r={args.r} on {', '.join(MINILM_TARGETS)}, classifier trained, batch {args.batch} x "
+        f"{args.max_length} tokens, AdamW; median of {args.rounds} interleaved rounds of {args.repeats} steps."
     )
-    if not args.no_write:
-        write_section(f"training-cost-{args.device}", body)
+    report("training-cost", "training_cost.py", args, "Training cost against PEFT LoRA", description, table)
 
 
 if __name__ == "__main__":
