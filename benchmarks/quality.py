@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
+import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,12 +38,13 @@ from torch import nn
 import peft_decaylora  # noqa: F401
 from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_tomatoes, markdown_table, write_section
 
-METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC"]
+METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
+           "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-vanish-svd-kd"]
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
-def tokenized_data(tokenizer, train_size, seed):
-    data = load_rotten_tomatoes(seed=0)  # the held-out split is fixed; only the training order varies by seed
+def tokenized_data(tokenizer, train_size, seed, source=None):
+    data = load_rotten_tomatoes(seed=0, source=source)  # the held-out split is fixed; only the training order varies by seed
     train = data["train"].shuffle(seed=seed)
     if train_size:
         train = train.select(range(min(train_size, len(train))))
@@ -55,8 +60,6 @@ def tokenized_data(tokenizer, train_size, seed):
 
 def svd_factorise(model: nn.Module, pattern: str, r: int) -> None:
     """Replace every Linear whose name matches ``pattern`` by its rank-r truncated SVD (two Linears)."""
-    import re
-
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and re.fullmatch(pattern, name):
             U, S, Vh = torch.linalg.svd(module.weight.detach().float(), full_matrices=False)
@@ -72,12 +75,13 @@ def svd_factorise(model: nn.Module, pattern: str, r: int) -> None:
             setattr(model.get_submodule(parent), child, nn.Sequential(down, up))
 
 
-def build(method: str, r: int, base, total_steps: int):
-    """The model to train for ``method`` at rank ``r`` (and whether it is compressed after training)."""
+def build(spec: dict, base, total_steps: int):
+    """The model to train for ``spec["method"]`` at rank ``spec["r"]``."""
     from peft import LoraConfig, get_peft_model
 
     from peft_decaylora import DecayLoraConfig
 
+    method, r = spec["method"], spec["r"]
     model = copy.deepcopy(base)
     if method == "full":
         return model
@@ -90,26 +94,31 @@ def build(method: str, r: int, base, total_steps: int):
     if method == "lora":
         return get_peft_model(model, LoraConfig(**common))
     _, noise, *flags = method.split("-")
-    config = DecayLoraConfig(noise=noise, bias_compensation="noC" not in flags, total_steps=total_steps, **common)
+    config = DecayLoraConfig(
+        noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
+        distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
+        decay_end=spec["decay_end"], total_steps=total_steps, **common,
+    )
     return get_peft_model(model, config)
 
 
-def run(method: str, r: int, seed: int, args, base, tokenizer) -> dict:
+def run(spec: dict, args, base, tokenizer) -> dict:
     import transformers
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from peft_decaylora import DecayLoraCallback
 
+    method, seed = spec["method"], spec["seed"]
     transformers.set_seed(seed)
-    train, test = tokenized_data(tokenizer, args.train_size, seed)
+    train, test = tokenized_data(tokenizer, args.train_size, seed, args.data)
     total_steps = math.ceil(len(train) / args.batch_size) * args.epochs
-    model = build(method, r, base, total_steps)
-    lr = args.lr_full if method == "full" else args.lr_svd if method == "svd" else args.lr
+    model = build(spec, base, total_steps)
     training_args = TrainingArguments(
         output_dir=str(REPO / "outputs" / "quality"), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, num_train_epochs=args.epochs, learning_rate=lr, warmup_steps=max(1, round(0.06 * total_steps)),
-        lr_scheduler_type="linear", weight_decay=0.0, logging_steps=50, save_strategy="no", report_to="none",
-        use_cpu=args.device == "cpu", seed=seed, disable_tqdm=not args.progress,
+        per_device_eval_batch_size=64, num_train_epochs=args.epochs, learning_rate=spec["lr"],
+        warmup_steps=max(1, round(0.06 * total_steps)), lr_scheduler_type="linear", weight_decay=0.0,
+        logging_steps=50, save_strategy="no", report_to="none", use_cpu=args.device == "cpu", seed=seed,
+        disable_tqdm=not args.progress,
     )
     callbacks = [DecayLoraCallback()] if method.startswith("decay") else []
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=DataCollatorWithPadding(
@@ -117,108 +126,160 @@ def run(method: str, r: int, seed: int, args, base, tokenizer) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    if method.startswith("decay"):
+    if method.startswith("decay-keep"):
+        model = model.merge_and_unload()  # noise="keep" never lets go of the noise mean: not compressible
+    elif method.startswith("decay"):
         model = model.compress_and_unload()  # the accuracy reported is the compressed model's
     elif method == "lora":
         model = model.merge_and_unload()
     model.eval()
     correct = 0
     collate = DataCollatorWithPadding(tokenizer)
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(test), 64):
             batch = collate([test[j] for j in range(i, min(i + 64, len(test)))])
-            labels = batch.pop("labels")
-            correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
-    return {"method": method, "r": r, "seed": seed, "accuracy": correct / len(test), "seconds": seconds}
+            labels = batch.pop("labels").to(device)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            correct += (logits.argmax(-1) == labels).sum().item()
+    return {**spec, "accuracy": correct / len(test), "seconds": round(seconds, 1), "hardware": hardware(args.device)}
 
 
-def summarize(results: list[dict], ranks: list[int], methods: list[str]) -> str:
+def label(row: dict) -> str:
+    """The table row a result belongs to: the method, plus its learning rate and any non-default knob."""
+    parts = [row["method"], f"lr {row['lr']:g}"]
+    if row["method"].startswith("decay"):
+        if "kd" in row["method"].split("-"):
+            parts.append(f"kd {row['kd_weight']:g}")
+        if row["decay_end"] != DEFAULT_DECAY_END:
+            parts.append(f"decay_end {row['decay_end']:g}")
+    return ", ".join(parts)
+
+
+def summarize(results: list[dict], ranks: list[int]) -> str:
     def cell(rows):
         if not rows:
             return "-"
         accuracies = [row["accuracy"] for row in rows]
-        spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f})" if len(accuracies) > 1 else ""
+        spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f}, n={len(accuracies)})" if len(accuracies) > 1 else ""
         return f"{statistics.mean(accuracies):.4f}{spread}"
 
     full = [row for row in results if row["method"] == "full"]
     full_mean = statistics.mean(row["accuracy"] for row in full) if full else None
-    header = ["rank", "adapted-layer compression"] + [m for m in methods if m != "full"]
-    if full_mean:
-        header += ["best compressed / full"]
+    labels = sorted({label(row) for row in results if row["method"] != "full"},
+                    key=lambda name: (METHODS.index(name.split(",")[0]) if name.split(",")[0] in METHODS else 99, name))
+    header = ["method"] + [f"r={r} ({COMPRESSION.get(r, '?')})" for r in ranks]
     lines = []
-    for r in ranks:
-        row = [r, f"{COMPRESSION.get(r, '?')}"]
-        best = 0.0
-        for method in methods:
-            if method == "full":
-                continue
-            rows = [x for x in results if x["method"] == method and x["r"] == r]
-            row.append(cell(rows))
-            if rows and method != "lora":
-                best = max(best, statistics.mean(x["accuracy"] for x in rows))
-        if full_mean:
-            row.append(f"{best / full_mean:.1%}")
-        lines.append(row)
-    seeds = sorted({row["seed"] for row in results})
-    prefix = f"Full fine-tuning: {cell(full)} over seeds {seeds}.\n\n" if full else ""
+    for name in labels:
+        line = [name]
+        for r in ranks:
+            rows = [x for x in results if label(x) == name and x["r"] == r]
+            text = cell(rows)
+            if rows and full_mean and not name.startswith("lora"):
+                text += f"; {statistics.mean(x['accuracy'] for x in rows) / full_mean:.1%} of full"
+            line.append(text)
+        lines.append(line)
+    prefix = f"Full fine-tuning: {cell(full)} ({label(full[0])}).\n\n" if full else ""
     return prefix + markdown_table(header, lines)
 
 
 # adapted-layer parameters of MiniLM's encoder Linears (6 x (4 x 384x384 + 2 x 384x1536), with biases) over the
 # low-rank factors r * (in + out) + out
 COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384)) / (6 * (4 * (r * 768 + 384) + (r * 1920 + 1536) + (r * 1920 + 384))):.1f}x" for r in (256, 192, 128, 96, 64, 48, 32, 24, 16)}
+DEFAULT_DECAY_END = 0.9
+
+
+def _worker(job):
+    spec, args = job
+    global _LOADED
+    if "_LOADED" not in globals():
+        torch.set_num_threads(args.threads) if args.threads else None
+        _LOADED = load_minilm(args.model)
+    return run(spec, args, *_LOADED)
+
+
+def floats(text: str) -> list[float]:
+    return [float(value) for value in text.split(",")]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd][-kd] (svd: init_weights='svd'; "
+                             "kd: distillation='hidden_states')")
     parser.add_argument("--ranks", default="128,64,32", help="about 2x, 4x and 8x compression of the adapted layers")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-size", type=int, default=None, help="subset of the 10,752 training snippets")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of LoRA and DecayLoRA")
-    parser.add_argument("--lr-full", type=float, default=5e-5, help="learning rate of full fine-tuning")
-    parser.add_argument("--lr-svd", type=float, default=2e-4, help="learning rate of the SVD baseline")
+    parser.add_argument("--lr", default="1e-3", help="learning rate(s) of LoRA and DecayLoRA, comma-separated")
+    parser.add_argument("--lr-full", default="5e-5", help="learning rate(s) of full fine-tuning")
+    parser.add_argument("--lr-svd", default="1e-3", help="learning rate(s) of the SVD baseline")
+    parser.add_argument("--kd-weight", default="1.0", help="distillation_weight(s) of the -kd methods")
+    parser.add_argument("--decay-end", default=str(DEFAULT_DECAY_END), help="decay_end value(s) of DecayLoRA")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="a Hub name or local path instead of the packaged MiniLM")
+    parser.add_argument("--data", default=None, help="a csv (text, label/category) instead of the packaged corpus")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes); useful on a GPU")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     parser.add_argument("--results", default=str(REPO / "outputs" / "quality" / "results.jsonl"),
                         help="JSON lines of finished runs; runs already there are not repeated")
     args = parser.parse_args()
     methods, ranks = args.methods.split(","), [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    unknown = set(methods) - set(METHODS)
+    unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
+        r"decay-(off|vanish|keep)(-noC)?(-svd)?(-kd)?", m)]
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    setting = {"train_size": args.train_size, "epochs": args.epochs, "lr": args.lr, "lr_full": args.lr_full,
-               "lr_svd": args.lr_svd, "batch_size": args.batch_size}
-    path = __import__("pathlib").Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = [row for row in done if row.get("setting") == setting]
-    base, tokenizer = load_minilm()
+        parser.error(f"unknown methods {unknown}; choose from full, lora, svd, decay-<off|vanish|keep>[-noC][-svd][-kd]")
+    setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
+    jobs = []
     for seed in seeds:
         for method in methods:
-            for r in [0] if method == "full" else ranks:
-                if any(row["method"] == method and row["r"] == r and row["seed"] == seed for row in done):
-                    continue
-                result = {**run(method, r, seed, args, base, tokenizer), "setting": setting}
-                print(json.dumps(result), flush=True)
-                done.append(result)
-                with path.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
-    table = summarize(done, ranks, methods)
+            lrs = floats(args.lr_full if method == "full" else args.lr_svd if method == "svd" else args.lr)
+            kd_weights = floats(args.kd_weight) if method.endswith("-kd") else [float(args.kd_weight.split(",")[0])]
+            decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
+            for r, lr, kd_weight, decay_end in itertools.product([0] if method == "full" else ranks, lrs, kd_weights,
+                                                                decay_ends):
+                jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "kd_weight": kd_weight,
+                             "decay_end": decay_end, **setting})
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    done = [row for row in done if all(row.get(k) == v for k, v in setting.items())]
+    keys = ("method", "r", "seed", "lr", "kd_weight", "decay_end")
+    todo = [job for job in jobs if not any(all(row.get(k) == job[k] for k in keys) for row in done)]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {path}", flush=True)
+    if args.workers > 1 and todo:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=None) as pool:
+            finished = pool.imap_unordered(_worker, [(job, args) for job in todo])
+            _collect(finished, path, done)
+    else:
+        _collect((_worker((job, args)) for job in todo), path, done)
+    wanted = [row for row in done if any(all(row.get(k) == job[k] for k in keys) for job in jobs)]
+    table = summarize(wanted, ranks)
     print(table)
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                     if k in ("methods", "ranks", "seeds", "train_size", "epochs", "lr", "lr_full", "lr_svd")
-                     and v is not None)
+    if args.no_write:
+        return
+    machines = sorted({row.get("hardware", "?") for row in wanted})
     body = (
-        f"### Quality on the default task\n\n`python benchmarks/quality.py {flags}`\n\n"
+        f"### Quality on the default task\n\n`python benchmarks/quality.py {' '.join(sys.argv[1:])}`\n\n"
         f"all-MiniLM-L6-v2 on Rotten Tomatoes, {args.train_size or 10752} training snippets, {args.epochs} epoch(s), "
         f"batch {args.batch_size}, 2,000 held out; accuracy of the compressed model for DecayLoRA and SVD, mean "
-        f"(min-max) over seeds {seeds}. Hardware: {hardware(args.device)}.\n\n" + table
+        f"(min-max, n seeds) over seeds {seeds}. Hardware: {'; '.join(machines)}.\n\n" + table
     )
     write_section("quality", body)
+
+
+def _collect(finished, path: Path, done: list[dict]) -> None:
+    for result in finished:
+        print(json.dumps(result), flush=True)
+        done.append(result)
+        with path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,16 +63,20 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="steps per model per round")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", default=None, help="a csv (text, label/category) instead of the packaged corpus")
+    parser.add_argument("--distillation", action="store_true",
+                        help="DecayLoRA with distillation='hidden_states' (one extra teacher forward per step)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not update BENCHMARKS.md")
     args = parser.parse_args()
 
     base, tokenizer = load_minilm(args.model)
-    batch = {k: v.to(args.device) for k, v in text_batch(tokenizer, args.batch, args.max_length).items()}
+    batch = {k: v.to(args.device) for k, v in text_batch(tokenizer, args.batch, args.max_length, source=args.data).items()}
     batch["labels"] = torch.arange(args.batch, device=args.device) % 2
     common = dict(r=args.r, lora_alpha=args.r, target_modules=MINILM_TARGETS, modules_to_save=["classifier"])
     models = {
         "LoRA": get_peft_model(copy.deepcopy(base), LoraConfig(**common)),
-        "DecayLoRA": get_peft_model(copy.deepcopy(base), DecayLoraConfig(total_steps=TOTAL, noise="vanish", **common)),
+        "DecayLoRA": get_peft_model(copy.deepcopy(base), DecayLoraConfig(
+            total_steps=TOTAL, noise="vanish", distillation="hidden_states" if args.distillation else "off", **common)),
     }
     optimizers = {}
     for name, model in models.items():
@@ -111,7 +115,12 @@ def main():
         f"all-MiniLM-L6-v2, r={args.r} on {', '.join(MINILM_TARGETS)}, classifier trained, batch {args.batch} x "
         f"{args.max_length} tokens, AdamW; median of {args.rounds} interleaved rounds of {args.repeats} steps."
     )
-    report("training-cost", "training_cost.py", args, "Training cost against PEFT LoRA", description, table)
+    if args.distillation:
+        description += " DecayLoRA distils the pretrained network's hidden states (a teacher forward per step)."
+    section, title = ("training-cost-kd", "Training cost with distillation") if args.distillation else (
+        "training-cost", "Training cost")
+    report(section, "training_cost.py" + (" --distillation" if args.distillation else ""), args,
+           title + " against PEFT LoRA", description, table)
 
 
 if __name__ == "__main__":

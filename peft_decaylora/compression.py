@@ -230,6 +230,7 @@ def compress_and_unload(model: nn.Module, adapter_name: Optional[str] = None, pr
     for key, compressed in replacements:
         _set_submodule(root, key, compressed)
     _unload(root)
+    tuner._remove_distillation_hooks()
     return root
 
 
@@ -256,6 +257,8 @@ def _unload(root: nn.Module) -> None:
                                                                                adapter_names=None))
             done.append(key)
         elif isinstance(module, BaseTunerLayer):  # a layer that does not carry the compressed adapter
+            if isinstance(module, DecayLoraLayer):
+                module.restore_pretrained_weight()
             _set_submodule(root, key, module.get_base_layer())
             done.append(key)
     if hasattr(root, "peft_config"):

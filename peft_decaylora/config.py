@@ -14,6 +14,7 @@ from .schedule import schedule_bounds
 
 NOISE_MODES = ("vanish", "keep", "off")
 NOISE_STATS = ("tensor", "channel")
+DISTILLATION = ("auto", "hidden_states", "off")
 
 
 @dataclass
@@ -38,15 +39,23 @@ class DecayLoraConfig(PeftConfig):
         layers_pattern (`Optional[Union[list[str], str]]`): Name of the layer list, used with `layers_to_transform`.
         rank_pattern (`dict`): Module name or regex -> rank, overriding `r`.
         alpha_pattern (`dict`): Module name or regex -> alpha, overriding `lora_alpha`.
-        init_weights (`bool`): If True (default), ``A`` is Kaiming-uniform and ``B = 0``, so step 0 reproduces the
-            base model exactly. If False, ``B`` is random too (for tests only).
+        init_weights (`Union[bool, str]`): "svd" (default): ``s B A`` starts as the best rank-``r`` approximation of
+            ``W`` (its top singular vectors; per adapted slice of a fused layout) and the frozen weight becomes the
+            residual ``W - s B A``, which is what decays. Step 0 still reproduces the base model, and the adapter
+            starts from what the compressed layer should keep. The base layer holds the residual while the adapter
+            is attached (so such an adapter must be the only one on its layers); `unload()` restores ``W`` up to
+            float rounding. Its factors are as large as ``W``'s singular values: use a learning rate about half of
+            LoRA's (5e-4 where LoRA takes 1e-3). True: METHOD.md's ``A`` Kaiming-uniform and ``B = 0``. False:
+            ``B`` random too (for tests).
         total_steps (`Optional[int]`): Optimizer steps of the whole run; fractional `decay_start` / `decay_end` are
             relative to it. May stay None until training: `DecayLoraCallback` fills it from the Trainer.
         decay_start (`Union[int, float]`): First step of the linear decay; a float in [0, 1] is a fraction of
             `total_steps`, an int a step number.
         decay_end (`Union[int, float]`): First step of the cool-down, where ``d = min_decay``.
         min_decay (`float`): Decay factor of the cool-down, in [0, 1]. 0 (default) ends with a pure rank-r layer.
-        noise (`str`): "vanish" (noise while ``d >= noise_threshold``), "keep" (noise for every ``d < 1``) or "off".
+        noise (`str`): "off" (default: decay alone), "vanish" (noise while ``d >= noise_threshold``; METHOD.md's
+            default, which cost accuracy in every configuration measured in BENCHMARKS.md) or "keep" (noise for
+            every ``d < 1``; the noise mean stays, so the model is never exactly rank ``r`` and cannot be compressed).
         noise_threshold (`float`): Decay factor below which "vanish" stops the noise, in [0, 1].
         noise_stats (`str`): Statistics the noise matches: "tensor" (mean and std of the whole weight, or of each
             slice of a fused projection) or "channel" (per output channel).
@@ -62,6 +71,15 @@ class DecayLoraConfig(PeftConfig):
         fused_enable (`dict`): Module name or regex -> one bool per slice of the layout: which slices are adapted
             (loralib's ``enable_lora``). Slices that are not adapted keep their frozen weight at every step, without
             decay or noise, and stay dense after compression.
+        distillation (`str`): "hidden_states": in training mode the model's loss gains ``distillation_weight`` times
+            the mean squared difference between the hidden states of the adapted network and those of the pretrained
+            network (the same model with the adapters bypassed, in eval mode, without gradients), each layer's
+            normalised by the teacher's mean square. This holds the representations that the fading ``W`` carried
+            while the adapter takes over; it costs one extra forward pass per step. The model must return ``loss``
+            and ``hidden_states`` (transformers models called with ``labels``), else the forward raises. "auto"
+            (default): "hidden_states" for a transformers model called with ``labels``, no teacher otherwise (plain
+            modules, calls without labels). "off": no teacher.
+        distillation_weight (`float`): Weight of the distillation term, >= 0 (default 3).
         modules_to_save (`Optional[list[str]]`): Modules besides the adapters to train and save (e.g. a classifier).
     """
 
@@ -89,8 +107,10 @@ class DecayLoraConfig(PeftConfig):
     alpha_pattern: Optional[dict] = field(
         default_factory=dict, metadata={"help": "Module name or regex -> alpha, overriding `lora_alpha`."}
     )
-    init_weights: bool = field(
-        default=True, metadata={"help": "Zero-initialise B so that step 0 reproduces the base model exactly."}
+    init_weights: Union[bool, Literal["svd"]] = field(
+        default="svd",
+        metadata={"help": "True: B = 0. 'svd': s B A starts as the top-r part of W and the residual decays. Both "
+                  "reproduce the base model at step 0."},
     )
     total_steps: Optional[int] = field(
         default=None, metadata={"help": "Optimizer steps of the run; filled in by DecayLoraCallback when None."}
@@ -103,7 +123,7 @@ class DecayLoraConfig(PeftConfig):
     )
     min_decay: float = field(default=0.0, metadata={"help": "Decay factor after decay_end, in [0, 1]."})
     noise: Literal["vanish", "keep", "off"] = field(
-        default="vanish", metadata={"help": "Noise schedule: 'vanish', 'keep' or 'off'."}
+        default="off", metadata={"help": "Noise schedule: 'off', 'vanish' or 'keep'."}
     )
     noise_threshold: float = field(
         default=0.3, metadata={"help": "With noise='vanish', no noise once the decay factor is below this."}
@@ -126,6 +146,12 @@ class DecayLoraConfig(PeftConfig):
         metadata={"help": "Module name or regex -> which slices of a fused projection are adapted, e.g. "
                   "[True, False, True]."},
     )
+    distillation: Literal["auto", "hidden_states", "off"] = field(
+        default="auto",
+        metadata={"help": "'hidden_states': distil the pretrained network's hidden states while W fades; 'auto': do "
+                  "so for transformers models called with labels."},
+    )
+    distillation_weight: float = field(default=3.0, metadata={"help": "Weight of the distillation loss, >= 0."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}
     )
@@ -167,7 +193,14 @@ class DecayLoraConfig(PeftConfig):
                     f"`fused_enable[{name!r}]` must be a list of True/False, one per slice, with at least one True; "
                     f"got {enabled!r}."
                 )
-        for name in ("bias_compensation", "init_weights", "detect_fused_layouts"):
+        if not (isinstance(self.init_weights, bool) or self.init_weights == "svd"):
+            raise ValueError(f"`init_weights` must be True, False or 'svd', got {self.init_weights!r}.")
+        _check_choice("distillation", self.distillation, DISTILLATION)
+        if isinstance(self.distillation_weight, bool) or not isinstance(self.distillation_weight, numbers.Real) or not (
+            self.distillation_weight >= 0
+        ):
+            raise ValueError(f"`distillation_weight` must be a number >= 0, got {self.distillation_weight!r}.")
+        for name in ("bias_compensation", "detect_fused_layouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         same_kind = isinstance(self.decay_start, float) == isinstance(self.decay_end, float)

@@ -184,6 +184,8 @@ class DecayLoraLayer(BaseTunerLayer):
         "decaylora_noise_mean",
         "decaylora_noise_std",
         "decaylora_adapted_rows",
+        "decaylora_top_left",
+        "decaylora_top_right",
         "fused_layout",
     )
 
@@ -206,6 +208,12 @@ class DecayLoraLayer(BaseTunerLayer):
         self.decaylora_noise_std = BufferDict({}, persistent=False)
         # Fused projections whose slices are not all adapted: 1 for rows that decay, 0 for rows kept frozen.
         self.decaylora_adapted_rows = BufferDict({}, persistent=False)
+        # With init_weights="svd" the base layer holds the residual W - top; top = left @ right (derived from W at
+        # initialisation, so not saved) is kept to give back W: for the pretrained output and on unload.
+        self.decaylora_top_left = BufferDict({}, persistent=False)
+        self.decaylora_top_right = BufferDict({}, persistent=False)
+        # Set by DecayLoraModel while it runs the pretrained network as a distillation teacher.
+        self._as_pretrained = False
         self.fused_layout: dict[str, dict] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -256,13 +264,20 @@ class DecayLoraLayer(BaseTunerLayer):
             mask = adapted_row_mask(ids, enabled)
             if mask is not None:
                 self.decaylora_adapted_rows[adapter_name] = mask
+        if (config.init_weights == "svd" and self.decaylora_A) or self.decaylora_top_left:
+            raise ValueError(
+                f"{where}: init_weights='svd' replaces the frozen weight by its residual, so such an adapter must be "
+                "the only one on its layer; use init_weights=True for the other adapters."
+            )
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
-        if config.init_weights:
+        if config.init_weights is True:
             nn.init.zeros_(B.weight)
         else:
             nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
         self.decaylora_A[adapter_name] = A
         self.decaylora_B[adapter_name] = B
+        if config.init_weights == "svd":
+            self._split_off_top(adapter_name, r, lora_alpha / r)
         self.decaylora_C[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
         if not config.bias_compensation:
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("decaylora_C",)}
@@ -275,6 +290,69 @@ class DecayLoraLayer(BaseTunerLayer):
         self.decaylora_noise_std[adapter_name] = std
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def _split_off_top(self, adapter_name: str, r: int, scaling: float) -> None:
+        """Start ``s B A`` at the top-``r`` SVD part of ``W`` (of each adapted slice, for a fused layout) and leave
+        the residual in the base layer."""
+        base = self.get_base_layer()
+        weight = self.kind.weight(base)
+        rows = weight.detach().float().reshape(weight.shape[0], -1)
+        A = self.decaylora_A[adapter_name].weight
+        B_module = self.decaylora_B[adapter_name]
+        B = B_module.weight.view(B_module.weight.shape[0], -1)  # (rows of B, r): a Conv2d B is (out, r, 1, 1)
+        if isinstance(B_module, SlicedUpProjection):  # each adapted slice: its output rows and its rows of B
+            blocks = zip(B_module.rows.split(B_module.slice_sizes), torch.arange(B.shape[0]).split(B_module.slice_sizes))
+        else:
+            blocks = [(torch.arange(rows.shape[0]),) * 2]
+        B.zero_()
+        lefts, rights = [], []
+        for index, (output_rows, b_rows) in enumerate(blocks):
+            U, S, Vh = torch.linalg.svd(rows[output_rows], full_matrices=False)
+            k = min(r, S.numel())  # ranks above the block's rank keep their random A rows and zero B columns
+            root = (S[:k] / scaling).sqrt()
+            a = A[index * r : index * r + k]
+            a.copy_((root[:, None] * Vh[:k]).reshape(a.shape))
+            B[b_rows, :k] = (U[:, :k] * root).to(B.dtype)
+            left = rows.new_zeros(rows.shape[0], k)
+            left[output_rows] = U[:, :k] * S[:k]
+            lefts.append(left)
+            rights.append(Vh[:k])
+        left, right = torch.cat(lefts, dim=1), torch.cat(rights)
+        residual = (rows - left @ right).reshape(weight.shape).to(weight.dtype)
+        base.weight.data = self.kind.stored_weight(base, residual)
+        self.decaylora_top_left[adapter_name] = left.to(weight.dtype)
+        self.decaylora_top_right[adapter_name] = right.to(weight.dtype)
+
+    def pretrained_weight(self) -> torch.Tensor:
+        """The base layer's original weight (canonical layout): ``W``, also while it holds an SVD residual."""
+        weight = self.kind.weight(self.get_base_layer()).detach()
+        for name, left in self.decaylora_top_left.items():
+            return weight + (left @ self.decaylora_top_right[name]).reshape(weight.shape)
+        return weight
+
+    def _pretrained_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """What the pretrained layer computes: ``W x + b``."""
+        base = self.get_base_layer()
+        if not self.decaylora_top_left:
+            return base(x, *args, **kwargs)
+        return self.kind.frozen_product(base, x, self.pretrained_weight().to(x.dtype), base.bias)
+
+    def restore_pretrained_weight(self) -> None:
+        """Put ``W`` back into the base layer (after an SVD initialisation) and drop the top part; unmerges first."""
+        if not self.decaylora_top_left:
+            return
+        if self.merged:
+            self.unmerge()
+        base = self.get_base_layer()
+        base.weight.data = self.kind.stored_weight(base, self.pretrained_weight())
+        for name in list(self.decaylora_top_left.keys()):
+            del self.decaylora_top_left[name], self.decaylora_top_right[name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.decaylora_top_left:
+            self.restore_pretrained_weight()
+        super().delete_adapter(adapter_name)
 
     @staticmethod
     def _as_weight_column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -446,10 +524,10 @@ class DecayLoraLayer(BaseTunerLayer):
         return active[0] if active else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
+        if self.disable_adapters or self._as_pretrained:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._pretrained_output(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         adapter_name = self._active_adapter_name()

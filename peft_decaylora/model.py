@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
+from transformers import PreTrainedModel
 
 from .config import DecayLoraConfig
 from .fused import detect_fused_layouts
 from .layer import SUPPORTED_LAYERS, DecayLoraLayer, DecayLoraModule, layer_kind
 from .schedule import noise_scale, schedule_bounds
+
+
+_DISTILLATION_NEEDS = (
+    "DecayLoRA distillation='hidden_states' adds to the loss the model returns, so the model must be a transformers "
+    "model that returns `loss` and `hidden_states`, called with `labels`; use distillation='auto' or 'off' otherwise."
+)
 
 
 class DecayLoraModel(BaseTuner):
@@ -36,11 +45,13 @@ class DecayLoraModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: DecayLoraConfig, adapter_name: str) -> None:
         """Check every targeted module before any is replaced, so that a bad target leaves the model unchanged."""
-        matched, unsupported = [], []
+        matched, unsupported, shared = [], [], []
         for key, module in model.named_modules():
             if not self._check_target_module_exists(config, key):
                 continue
             matched.append(key)
+            if isinstance(module, DecayLoraLayer) and (config.init_weights == "svd" or module.decaylora_top_left):
+                shared.append(key)
             if isinstance(module, BaseTunerLayer):
                 continue
             try:
@@ -51,6 +62,12 @@ class DecayLoraModel(BaseTuner):
             raise TypeError(
                 "DecayLoRA cannot adapt these target modules: " + "; ".join(unsupported) + ". The model was not "
                 "changed. Narrow `target_modules` or add the modules to `exclude_modules`."
+            )
+        if shared:
+            raise ValueError(
+                f"These layers already carry a DecayLoRA adapter: {shared}. An adapter with init_weights='svd' splits "
+                "the frozen weight into its top part and the residual, so it must be the only adapter on its layers. "
+                "The model was not changed; use init_weights=True for every adapter that shares a layer."
             )
         if not matched and config.target_modules is not None and not isinstance(config.target_modules, str):
             candidates = sorted({key.rsplit(".", 1)[-1] for key, module in model.named_modules() if _adaptable(module)})
@@ -147,6 +164,74 @@ class DecayLoraModel(BaseTuner):
             "noise_scale": noise_scale(d, config.noise, config.noise_threshold),
         }
 
+    def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        # Distillation runs from hooks on the wrapped model, so it applies whichever PeftModel class calls it.
+        self._teaching = False
+        self._wants_hidden_states = None
+        self._distillation_hooks = (
+            self.model.register_forward_pre_hook(self._request_hidden_states, with_kwargs=True),
+            self.model.register_forward_hook(self._add_distillation_loss, with_kwargs=True),
+        )
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)  # through __call__, so the distillation hooks run
+
+    # -------------------------------------------------------------------------------------------- distillation
+    def _distillation_weight(self, module: nn.Module, kwargs: dict) -> float:
+        """The weight of the distillation term for this forward: 0 unless training with distillation on."""
+        if self._teaching or not module.training or len(self.active_adapters) != 1:
+            return 0.0
+        config = self.peft_config.get(self.active_adapters[0])
+        if config is None or config.distillation == "off":
+            return 0.0
+        usable = isinstance(module, PreTrainedModel) and kwargs.get("labels") is not None
+        if config.distillation == "auto" and not usable:
+            return 0.0
+        if not usable:
+            raise ValueError(_DISTILLATION_NEEDS)
+        layers = self._decaylora_layers()
+        if not layers or layers[0].disable_adapters or layers[0].merged:
+            return 0.0
+        return float(config.distillation_weight)
+
+    def _request_hidden_states(self, module, args, kwargs):
+        if self._distillation_weight(module, kwargs):
+            self._wants_hidden_states = kwargs.get("output_hidden_states")
+            kwargs["output_hidden_states"] = True
+            return args, kwargs
+        return None
+
+    def _add_distillation_loss(self, module, args, kwargs, outputs):
+        weight = self._distillation_weight(module, kwargs)
+        if not weight:
+            return None
+        with torch.no_grad(), self._pretrained_network():
+            teacher = module(*args, **kwargs)
+        if getattr(outputs, "loss", None) is None or getattr(teacher, "hidden_states", None) is None:
+            raise ValueError(_DISTILLATION_NEEDS)
+        outputs.loss = outputs.loss + weight * hidden_state_distillation_loss(outputs.hidden_states, teacher.hidden_states)
+        if not self._wants_hidden_states:
+            outputs.hidden_states = None
+        return outputs
+
+    @contextmanager
+    def _pretrained_network(self):
+        """Run the pretrained network: every DecayLoRA layer computes ``W x + b`` and the model is in eval mode."""
+        layers, modes = self._decaylora_layers(), [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        self._teaching = True
+        for layer in layers:
+            layer._as_pretrained = True
+        try:
+            yield
+        finally:
+            self._teaching = False
+            for layer in layers:
+                layer._as_pretrained = False
+            for module, training in modes:
+                module.training = training
+
     # ------------------------------------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Merge the adapter into every adapted layer, all or nothing: if one layer refuses (``safe_merge`` found
@@ -170,7 +255,15 @@ class DecayLoraModel(BaseTuner):
         # Merge everything first (atomically), then swap the layers for their base layers.
         if merge:
             self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        else:  # give back the pretrained weights that an SVD initialisation split
+            for layer in self._decaylora_layers():
+                layer.restore_pretrained_weight()
+        self._remove_distillation_hooks()
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
+    def _remove_distillation_hooks(self) -> None:
+        for handle in self._distillation_hooks:
+            handle.remove()
 
     # ------------------------------------------------------------------------------------------------ adapters
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -189,6 +282,14 @@ class DecayLoraModel(BaseTuner):
         from .compression import compress_and_unload
 
         return compress_and_unload(self, adapter_name=adapter_name, progressbar=progressbar)
+
+
+def hidden_state_distillation_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over layers (the embeddings excluded) of ``mean((h_student - h_teacher)^2) / mean(h_teacher^2)``."""
+    losses = [
+        (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in zip(student[1:], teacher[1:])
+    ]
+    return torch.stack(losses).mean()
 
 
 def _adaptable(module: nn.Module) -> bool:

@@ -168,8 +168,9 @@ def test_compressed_layer_uses_the_base_dtype():
 
 
 def test_layers_without_the_adapter_are_unloaded():
+    # a second adapter on a layer needs init_weights=True or False: an SVD one splits the frozen weight
     model = decayed(TwoLayerNet(), target_modules=["lin0", "lin1"])
-    model.add_adapter("other", DecayLoraConfig(r=2, target_modules=["lin1"], total_steps=TOTAL))
+    model.add_adapter("other", DecayLoraConfig(r=2, target_modules=["lin1"], total_steps=TOTAL, init_weights=True))
     x = torch.randn(3, 24)
     expected = model(x)
     compressed = model.compress_and_unload()
@@ -177,7 +178,7 @@ def test_layers_without_the_adapter_are_unloaded():
     torch.testing.assert_close(compressed(x), expected)
 
     model = decayed(TwoLayerNet(), target_modules=["lin0", "lin1"])
-    model.add_adapter("other", DecayLoraConfig(r=2, target_modules=["lin1"], total_steps=TOTAL))
+    model.add_adapter("other", DecayLoraConfig(r=2, target_modules=["lin1"], total_steps=TOTAL, init_weights=True))
     model.set_adapter("other")
     model.base_model.set_step(TOTAL)
     compressed = model.compress_and_unload()

@@ -78,7 +78,8 @@ def test_layout_is_detected_and_step_zero_is_the_base_model(arch):
     build, name, layout = ARCHITECTURES[arch]
     base = build()
     reference = copy.deepcopy(base)
-    model = get_peft_model(base, DecayLoraConfig(r=2, target_modules=[name], total_steps=TOTAL))
+    # METHOD.md's initialisation reproduces the base model bit for bit (the SVD one up to rounding, tested apart)
+    model = get_peft_model(base, DecayLoraConfig(r=2, target_modules=[name], total_steps=TOTAL, init_weights=True))
     assert model.peft_config["default"].fused_layouts[name] == layout
     layer = fused_layers(model, name)[0]
     assert layer.fused_layout["default"]["sizes"] == layout["sizes"]
@@ -198,7 +199,7 @@ def test_wrong_explicit_layout_names_the_module():
 def test_gpt2_conv1d_layers_train_and_do_not_touch_the_shared_config():
     base = gpt2(initializer_range=0.3)  # large enough embeddings for confident logits through the tied head
     config = DecayLoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], total_steps=30, decay_start=0.0,
-                             decay_end=0.8, lora_alpha=8)
+                             decay_end=0.8, lora_alpha=8, init_weights=True, distillation="off")
     model = get_peft_model(base, config)
     assert not hasattr(config, "fan_in_fan_out")
     data = (torch.arange(12) + torch.arange(0, 48, 6)[:, None]) % 50  # learnable: next token = token + 1
@@ -239,7 +240,8 @@ def test_conv_step_zero_merge_and_unmerge(padding_mode):
     base = SmallCNN(padding_mode)
     reference = copy.deepcopy(base)
     x = torch.randn(2, 3, 12, 12)
-    model = get_peft_model(base, DecayLoraConfig(r=3, target_modules=CONVS, total_steps=TOTAL, noise="keep"))
+    model = get_peft_model(base, DecayLoraConfig(r=3, target_modules=CONVS, total_steps=TOTAL, noise="keep",
+                                                 init_weights=True))
     model.train()
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     for layer in (model.base_model.model.conv1, model.base_model.model.conv2):
@@ -265,7 +267,7 @@ def test_conv_step_zero_merge_and_unmerge(padding_mode):
 @pytest.mark.parametrize("noise_stats", ["tensor", "channel"])
 def test_conv_noise_folds_into_the_kernel_with_the_right_statistics(noise_stats):
     model = get_peft_model(SmallCNN(), DecayLoraConfig(r=3, target_modules=["conv2"], total_steps=TOTAL,
-                                                       noise="keep", noise_stats=noise_stats))
+                                                       noise="keep", noise_stats=noise_stats, init_weights=True))
     model.base_model.set_step(50)
     layer = model.base_model.model.conv2
     layer.train()

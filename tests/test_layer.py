@@ -276,7 +276,8 @@ def test_training_without_a_schedule_length_is_an_error():
 def test_half_precision_base_model(dtype):
     base = TwoLayerNet().to(dtype)
     reference = copy.deepcopy(base)
-    model = get_peft_model(base, DecayLoraConfig(r=4, target_modules=["lin0", "lin1"], total_steps=100))
+    model = get_peft_model(base, DecayLoraConfig(r=4, target_modules=["lin0", "lin1"], total_steps=100,
+                                                 init_weights=True))
     x = torch.randn(4, 24, dtype=dtype)
     model.eval()
     assert torch.equal(model(x), reference(x))

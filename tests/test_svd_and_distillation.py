@@ -1,0 +1,160 @@
+"""The SVD initialisation (the residual of W decays) and the hidden-state distillation from the pretrained network."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from peft_decaylora import DecayLoraConfig
+from peft_decaylora.model import hidden_state_distillation_loss
+
+from conftest import TwoLayerNet, tiny_bert
+
+TOTAL = 100
+
+
+def top_r(weight: torch.Tensor, r: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(weight.reshape(weight.shape[0], -1), full_matrices=False)
+    return ((U[:, :r] * S[:r]) @ Vh[:r]).reshape(weight.shape)
+
+
+def test_svd_init_starts_at_the_top_r_part_and_keeps_the_base_output():
+    base = TwoLayerNet()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, DecayLoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], total_steps=TOTAL))
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    for name in ("lin0", "lin1"):
+        layer, original = getattr(model.base_model.model, name), getattr(reference, name).weight
+        torch.testing.assert_close(layer.get_delta_weight("default"), top_r(original, 4), rtol=1e-4, atol=1e-5)
+        residual = layer.get_base_layer().weight
+        torch.testing.assert_close(residual, original - top_r(original, 4), rtol=1e-4, atol=1e-5)
+        assert torch.linalg.matrix_norm(residual) < 0.9 * torch.linalg.matrix_norm(original)  # the top part left W
+    model.base_model.set_step(TOTAL)  # d = 0: the adapter alone is the top-r approximation
+    lin0 = model.base_model.model.lin0
+    torch.testing.assert_close(lin0(x), x @ top_r(reference.lin0.weight, 4).T, rtol=1e-4, atol=1e-5)
+
+
+def test_svd_init_of_conv_and_fused_slices():
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    reference = copy.deepcopy(conv)
+    model = get_peft_model(nn.Sequential(conv), DecayLoraConfig(r=3, target_modules=["0"], total_steps=TOTAL))
+    x = torch.randn(2, 6, 7, 7)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.base_model.model[0].get_delta_weight("default"), top_r(reference.weight, 3),
+                               rtol=1e-4, atol=1e-5)
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=24, n_layer=1, n_head=4, n_positions=16)).eval()
+    reference = copy.deepcopy(gpt2)
+    config = DecayLoraConfig(r=2, target_modules=["c_attn"], total_steps=TOTAL, fused_enable={"c_attn": [True, False, True]})
+    model = get_peft_model(gpt2, config)
+    tokens = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
+    layer, W = model.base_model.model.transformer.h[0].attn.c_attn, reference.transformer.h[0].attn.c_attn.weight.T
+    expected = torch.cat([top_r(W[:24], 2), torch.zeros(24, 24), top_r(W[48:], 2)])  # each adapted slice its own
+    torch.testing.assert_close(layer.get_delta_weight("default"), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(layer.get_base_layer().weight.T[24:48], W[24:48])  # the frozen value slice is untouched
+
+
+def test_unload_and_delete_give_back_the_pretrained_weight():
+    reference = TwoLayerNet()
+    for finish in ("unload", "delete"):
+        model = get_peft_model(copy.deepcopy(reference), DecayLoraConfig(r=4, target_modules=["lin0"], total_steps=TOTAL))
+        if finish == "unload":
+            restored = model.unload()
+        else:
+            model.base_model.delete_adapter("default")
+            restored = model.base_model.model
+        torch.testing.assert_close(restored.lin0.weight, reference.lin0.weight, rtol=0, atol=1e-6)
+        assert not restored._forward_hooks and not restored._forward_pre_hooks or finish == "delete"
+
+
+def test_disabled_adapter_runs_the_pretrained_layer():
+    reference = TwoLayerNet()
+    model = get_peft_model(copy.deepcopy(reference), DecayLoraConfig(r=4, target_modules=["lin0"], total_steps=TOTAL))
+    model.base_model.set_step(TOTAL)
+    x = torch.randn(3, 24)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(x), reference(x), atol=1e-3)
+
+
+def test_saved_svd_adapter_reloads_on_a_fresh_base(tmp_path):
+    config = DecayLoraConfig(r=4, target_modules=["query", "value"], total_steps=TOTAL, modules_to_save=["classifier"])
+    model = get_peft_model(tiny_bert(), config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "decaylora_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.base_model.set_step(40)
+    model.eval()
+    tokens = torch.randint(0, 64, (2, 9))
+    expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    torch.testing.assert_close(loaded(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_adapter_next_to_an_svd_one_is_refused_and_changes_nothing():
+    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0", "lin1"], total_steps=TOTAL))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lin1.*init_weights=True"):
+        model.add_adapter("other", DecayLoraConfig(r=2, target_modules=["lin1"], total_steps=TOTAL, init_weights=True))
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_hidden_state_distillation_adds_the_teacher_term():
+    config = DecayLoraConfig(r=4, target_modules=["query", "value", "dense"], total_steps=TOTAL,
+                             modules_to_save=["classifier"], distillation="hidden_states", distillation_weight=2.0,
+                             init_weights=False)  # random B: the student clearly differs from the teacher
+    model = get_peft_model(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), config)
+    model.base_model.set_step(60)  # d = 0.375: the student has moved away from the pretrained network
+    tokens, labels = torch.randint(0, 64, (4, 9)), torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        with model.disable_adapter():
+            model.eval()
+            teacher = model(input_ids=tokens, output_hidden_states=True).hidden_states
+        model.train()
+        model.base_model.peft_config["default"].distillation = "off"
+        plain = model(input_ids=tokens, labels=labels, output_hidden_states=True)
+        model.base_model.peft_config["default"].distillation = "hidden_states"
+        distilled = model(input_ids=tokens, labels=labels)
+    term = hidden_state_distillation_loss(plain.hidden_states, teacher)
+    assert term > 1e-3
+    torch.testing.assert_close(distilled.loss, plain.loss + 2.0 * term)
+    assert distilled.hidden_states is None  # not asked for, not returned
+    model.eval()  # no teacher outside training
+    assert torch.equal(model(input_ids=tokens, labels=labels).loss, model(input_ids=tokens, labels=labels).loss)
+
+
+def test_auto_distillation_only_for_transformers_models_with_labels():
+    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0"], total_steps=TOTAL))
+    model.train()
+    model(torch.randn(2, 24)).sum().backward()  # a plain module: no teacher, no error
+    strict = DecayLoraConfig(r=4, target_modules=["lin0"], total_steps=TOTAL, distillation="hidden_states")
+    model = get_peft_model(TwoLayerNet(), strict).train()
+    with pytest.raises(ValueError, match="transformers model .* called with `labels`"):
+        model(torch.randn(2, 24))
+
+
+def test_distillation_hooks_leave_with_the_adapter():
+    model = get_peft_model(tiny_bert(), DecayLoraConfig(r=4, target_modules=["query"], total_steps=TOTAL))
+    inner = model.base_model.model
+    assert inner._forward_hooks and inner._forward_pre_hooks
+    merged = model.merge_and_unload()
+    assert not merged._forward_hooks and not merged._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"init_weights": "pissa"}, "init_weights"), ({"distillation": "logits"}, "distillation"),
+     ({"distillation_weight": -1.0}, "distillation_weight"), ({"distillation_weight": True}, "distillation_weight")],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        DecayLoraConfig(target_modules=["query"], **kwargs)
