@@ -58,9 +58,8 @@ def main():
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
     targets = ["conv1", "conv2"]
     lora = get_peft_model(copy.deepcopy(block), LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets))
-    decay = get_peft_model(
-        copy.deepcopy(block), DecayLoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets, total_steps=100)
-    )
+    config = DecayLoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets, total_steps=100, noise="vanish")
+    decay = get_peft_model(copy.deepcopy(block), config)
     lora.train(), decay.train()
     for model in (lora, decay):  # warm up kernels and allocator
         step_time(model, x, 2, args.device)

@@ -224,6 +224,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    parser.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --results")
     parser.add_argument("--results", default=str(REPO / "outputs" / "quality" / "results.jsonl"),
                         help="JSON lines of finished runs; runs already there are not repeated")
     args = parser.parse_args()
@@ -251,6 +252,8 @@ def main():
     keys = ("method", "r", "seed", "lr", "kd_weight", "decay_end")
     todo = [job for job in jobs if not any(all(row.get(k) == job[k] for k in keys) for row in done)]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {path}", flush=True)
+    if args.no_run:
+        todo = []
     if args.workers > 1 and todo:
         import multiprocessing
 
@@ -268,8 +271,9 @@ def main():
     body = (
         f"### Quality on the default task\n\n`python benchmarks/quality.py {' '.join(sys.argv[1:])}`\n\n"
         f"all-MiniLM-L6-v2 on Rotten Tomatoes, {args.train_size or 10752} training snippets, {args.epochs} epoch(s), "
-        f"batch {args.batch_size}, 2,000 held out; accuracy of the compressed model for DecayLoRA and SVD, mean "
-        f"(min-max, n seeds) over seeds {seeds}. Hardware: {'; '.join(machines)}.\n\n" + table
+        f"batch {args.batch_size}, 2,000 held out; accuracy of the compressed model for DecayLoRA (decay-keep: merged, "
+        f"since its noise mean never leaves) and SVD, mean (min-max, n seeds) over seeds {seeds}; % of full "
+        f"fine-tuning's mean. Hardware: {'; '.join(machines)}.\n\n" + table
     )
     write_section("quality", body)
 

@@ -142,6 +142,7 @@ def main(argv=None) -> dict:
     config = DecayLoraConfig(
         r=args.rank, lora_alpha=args.rank, target_modules=args.target_modules.split(","),
         layers_to_transform=layers, layers_pattern="layers", noise="off", decay_start=0.1, decay_end=0.7,
+        init_weights=True, distillation="off",  # the settings its measured perplexity was obtained with
     )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()

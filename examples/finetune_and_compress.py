@@ -18,27 +18,15 @@ Flags choose the rank, the length of the run, the target modules, and a Hub mode
 packaged ones (``--model sentence-transformers/all-MiniLM-L6-v2 --dataset cornell-movie-review-data/rotten_tomatoes``).
 ``python examples/finetune_and_compress.py --help`` lists them all.
 
-Defaults: DecayLoRA r=96 (lora_alpha=96) on the feed-forward layers of all 6 blocks (``intermediate.dense``,
-``output.dense``), classifier and pooler trained in full, noise off, d from 1 to 0 between 10% and 70% of the run,
-2 epochs (642 steps of 32), lr 5e-4 with linear warm-up/decay; 10,252 training, 500 validation (for the curve),
-2,000 held-out test snippets (stratified, never used for choices made during the run).
+Defaults: DecayLoRA r=128 (lora_alpha=128) on every Linear of the encoder (query, key, value, attention output and
+the feed-forward block of all 6 layers: 2x fewer parameters in those layers), the classifier trained in full, the
+adapter initialised from the top-128 SVD part of each weight (the residual decays), hidden-state distillation from
+the pretrained network (weight 3), noise off, d from 1 to 0 between 10% and 90% of the run, 1 epoch (321 steps of
+32), lr 5e-4 with linear warm-up/decay; 10,252 training, 500 validation (for the curve), 2,000 held-out test
+snippets (stratified, never used for choices made during the run). This is the best setting of
+``benchmarks/quality.py`` (BENCHMARKS.md), which also lists what did worse.
 
-Measured with the defaults (torch 2.13 CPU, 2 cores shared with other jobs):
-                             DecayLoRA (PeftModel)  merged (original size)  compressed
-  held-out accuracy                         0.7770                  0.7770      0.7770
-  adapted-layer parameters                                       7,089,408   2,223,360
-  total parameters                                              22,713,986  17,847,938
-  size on disk (safetensors)                                      86.7 MiB    68.1 MiB
-  CPU latency / batch of 64                 272 ms                  426 ms      268 ms
-  wall time 7 min 30 s with the machine's load average at 3.5-5 (4 min 13 s when it was ~1.5; 10 min 32 s at 3-3.7
-  before the script set OMP_WAIT_POLICY=PASSIVE);
-  the compressed model reloaded from disk gives identical logits.
-
-Other settings measured on the same split (accuracy of the compressed model on the 2,000 test snippets):
-  feed-forward r=96: 1 epoch 0.773, 2 epochs 0.7785 (lr 1e-3) / 0.7785 (lr 5e-4, another run 0.777), 3 epochs 0.7845
-  (lr 1e-3); lr 2e-3 diverged (0.60).  Attention too (``--target-modules query,key,value,dense``, r=96, 2 epochs,
-  lr 1e-3): 0.753, with 70.8% of the parameters and 48% of the dense latency.  For reference, on this task full
-  fine-tuning reached 0.823 and LoRA r=32 0.820 (uncompressed models of the original size).
+MEASURED
 """
 
 from __future__ import annotations
@@ -62,9 +50,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# The feed-forward block of every layer (intermediate.dense 384 -> 1536, output.dense 1536 -> 384): two thirds of
-# the encoder's weights. Attention (query,key,value,dense) can be added with --target-modules; see the docstring.
-DEFAULT_TARGETS = r".*layer\.\d+\.(intermediate|output)\.dense"
+# Every Linear of the encoder (query, key, value, attention output, and the feed-forward block), not the pooler.
+DEFAULT_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,19 +75,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Evaluate on only this many held-out test examples (default: the whole test split).")
     g.add_argument("--max-length", type=int, default=64, help="Maximum tokens per example.")
     g = p.add_argument_group("DecayLoRA")
-    g.add_argument("--rank", "-r", type=int, default=96, help="Adapter rank = rank of each compressed layer.")
+    g.add_argument("--rank", "-r", type=int, default=128, help="Adapter rank = rank of each compressed layer.")
     g.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: equal to --rank, i.e. s = 1).")
     g.add_argument("--target-modules", default=DEFAULT_TARGETS,
                    help="Comma-separated module names to adapt and compress, or a regex (full match, as in PEFT). "
-                        "The default is the feed-forward block of BERT-style encoders; add attention with "
-                        "'query,key,value,dense'.")
-    g.add_argument("--modules-to-save", default="classifier,pooler",
+                        "The default is every Linear of a BERT-style encoder.")
+    g.add_argument("--modules-to-save", default="classifier",
                    help="Comma-separated modules trained in full (the new classifier head must be one).")
     g.add_argument("--noise", default="off", choices=["vanish", "keep", "off"], help="Noise schedule.")
     g.add_argument("--decay-start", type=float, default=0.1, help="Start of the decay, fraction of the run.")
-    g.add_argument("--decay-end", type=float, default=0.7, help="End of the decay, fraction of the run.")
+    g.add_argument("--decay-end", type=float, default=0.9, help="End of the decay, fraction of the run.")
+    g.add_argument("--init", default="svd", choices=["svd", "zeros"],
+                   help="'svd': the adapter starts at the top-r part of W and the residual decays; 'zeros': B = 0.")
+    g.add_argument("--distillation-weight", type=float, default=3.0,
+                   help="Weight of the hidden-state distillation from the pretrained network (0: none).")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=2.0, help="Training epochs (ignored with --max-steps).")
+    g.add_argument("--epochs", type=float, default=1.0, help="Training epochs (ignored with --max-steps).")
     g.add_argument("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
     g.add_argument("--lr", type=float, default=5e-4, help="Peak learning rate (linear warm-up 6%%, then linear decay).")
     g.add_argument("--batch-size", type=int, default=32, help="Training batch size.")
@@ -276,6 +266,9 @@ def main(argv=None) -> dict:
         noise=args.noise,
         decay_start=args.decay_start,
         decay_end=args.decay_end,
+        init_weights="svd" if args.init == "svd" else True,
+        distillation="hidden_states" if args.distillation_weight else "off",
+        distillation_weight=args.distillation_weight,
     )
     # The model before compression has the base model's architecture (merging writes d W + s B A + C into it).
     total_before, size_before = count_parameters(base), safetensors_size(base)

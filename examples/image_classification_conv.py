@@ -178,6 +178,7 @@ def main(argv=None) -> dict:
         r=args.rank, lora_alpha=args.rank, target_modules=args.target_modules,
         rank_pattern={r"features\.0\.0": args.stem_rank}, alpha_pattern={r"features\.0\.0": args.stem_rank},
         modules_to_save=["classifier"], noise=args.noise, decay_start=0.1, decay_end=0.7,
+        init_weights=True,  # B = 0: the lr 2e-3 measured below was tuned for it (SVD factors need about half)
     )
     model = get_peft_model(base, config)
     model.print_trainable_parameters()

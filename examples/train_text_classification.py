@@ -15,7 +15,7 @@ Every ``TrainingArguments`` flag works (``--logging_steps``, ``--save_steps``, `
 
 Measured here (2 CPU cores shared with other jobs, torch 2.13 CPU), a smoke run only:
     python examples/train_text_classification.py --output_dir /tmp/rt --max_steps 20 --logging_steps 5 \\
-        --save_steps 10 --max_eval_samples 500
+        --save_steps 10 --max_eval_samples 500 --init_weights zeros --distillation off
     -> 20 steps of batch 32 in 125 s; logged decay_factor 0.8125 / 0.5 / 0.1875 / 0 and noise_scale
        0.583 / 0.866 / 0 / 0 at steps 5 / 10 / 15 / 20; train loss 0.691; accuracy 0.564 on 500 held-out snippets
        (20 steps is far too short: the frozen q/k/v weights are gone by step 18; the default is one epoch, 336 steps).
@@ -63,6 +63,13 @@ class ModelArguments:
     decay_start: float = field(default=0.1, metadata={"help": "Start of the decay, as a fraction of the run."})
     decay_end: float = field(default=0.9, metadata={"help": "End of the decay, as a fraction of the run."})
     noise: str = field(default="vanish", metadata={"help": "Noise schedule: vanish, keep or off."})
+    init_weights: str = field(
+        default="svd", metadata={"help": "svd: the adapter starts at the top-r part of W; zeros: B = 0 (METHOD.md)."}
+    )
+    distillation: str = field(
+        default="auto", metadata={"help": "Hidden-state distillation from the pretrained network: auto or off."}
+    )
+    distillation_weight: float = field(default=3.0, metadata={"help": "Weight of the distillation term."})
     noise_seed: int = field(default=0, metadata={"help": "Seed of the (reproducible) noise."})
 
 
@@ -144,6 +151,9 @@ def main() -> None:
         decay_end=model_args.decay_end,
         noise=model_args.noise,
         noise_seed=model_args.noise_seed,
+        init_weights="svd" if model_args.init_weights == "svd" else True,
+        distillation=model_args.distillation,
+        distillation_weight=model_args.distillation_weight,
         # total_steps stays None: DecayLoraCallback takes it from the Trainer's max_steps
     )
     model = get_peft_model(model, config)
