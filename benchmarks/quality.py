@@ -249,8 +249,8 @@ def main():
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     done = [row for row in done if all(row.get(k) == v for k, v in setting.items())]
-    keys = ("method", "r", "seed", "lr", "kd_weight", "decay_end")
-    todo = [job for job in jobs if not any(all(row.get(k) == job[k] for k in keys) for row in done)]
+    finished = {run_key(row) for row in done}
+    todo = [job for job in jobs if run_key(job) not in finished]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {path}", flush=True)
     if args.no_run:
         todo = []
@@ -262,7 +262,8 @@ def main():
             _collect(finished, path, done)
     else:
         _collect((_worker((job, args)) for job in todo), path, done)
-    wanted = [row for row in done if any(all(row.get(k) == job[k] for k in keys) for job in jobs)]
+    asked = {run_key(job) for job in jobs}
+    wanted = [row for row in done if run_key(row) in asked]
     table = summarize(wanted, ranks)
     print(table)
     if args.no_write:
@@ -276,6 +277,13 @@ def main():
         f"fine-tuning's mean. Hardware: {'; '.join(machines)}.\n\n" + table
     )
     write_section("quality", body)
+
+
+def run_key(run: dict) -> tuple:
+    """What identifies a run: the distillation weight only for -kd methods, decay_end only for DecayLoRA."""
+    method = run["method"]
+    return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if method.endswith("-kd") else None,
+            run["decay_end"] if method.startswith("decay") else None)
 
 
 def _collect(finished, path: Path, done: list[dict]) -> None:

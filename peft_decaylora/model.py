@@ -43,6 +43,19 @@ class DecayLoraModel(BaseTuner):
     tuner_layer_cls = DecayLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        # Distillation runs from hooks on the wrapped model, so it applies whichever PeftModel class calls it.
+        self._teaching = False
+        self._wants_hidden_states = None
+        self._distillation_hooks = (
+            self.model.register_forward_pre_hook(self._request_hidden_states, with_kwargs=True),
+            self.model.register_forward_hook(self._add_distillation_loss, with_kwargs=True),
+        )
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)  # through __call__, so the distillation hooks run
+
     def _pre_injection_hook(self, model: nn.Module, config: DecayLoraConfig, adapter_name: str) -> None:
         """Check every targeted module before any is replaced, so that a bad target leaves the model unchanged."""
         matched, unsupported, shared = [], [], []
@@ -163,19 +176,6 @@ class DecayLoraModel(BaseTuner):
             "noise_active": layer.noise_active(adapter_name),
             "noise_scale": noise_scale(d, config.noise, config.noise_threshold),
         }
-
-    def __init__(self, model, peft_config, adapter_name, **kwargs) -> None:
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        # Distillation runs from hooks on the wrapped model, so it applies whichever PeftModel class calls it.
-        self._teaching = False
-        self._wants_hidden_states = None
-        self._distillation_hooks = (
-            self.model.register_forward_pre_hook(self._request_hidden_states, with_kwargs=True),
-            self.model.register_forward_hook(self._add_distillation_loss, with_kwargs=True),
-        )
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)  # through __call__, so the distillation hooks run
 
     # -------------------------------------------------------------------------------------------- distillation
     def _distillation_weight(self, module: nn.Module, kwargs: dict) -> float:
