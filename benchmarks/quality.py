@@ -8,14 +8,20 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
 - ``svd``: every adapted Linear replaced by its truncated SVD of rank r (``Linear(in, r)`` then ``Linear(r, out)``,
   the same parameter count as compressed DecayLoRA), then trained with the classifier.
-- ``decay-off`` / ``decay-vanish`` / ``decay-keep``: DecayLoRA with that noise schedule; ``-noC`` turns off the
-  compensation bias. Accuracy is measured on the *compressed* model (``compress_and_unload()``).
+- ``decay-<off|vanish|keep>[-noC][-svd][-kd]``: DecayLoRA with that noise schedule; ``-noC`` turns off the
+  compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-kd`` ``distillation="hidden_states"``
+  with ``--kd-weight``. ``decay-off-svd-kd`` is the library's default. Accuracy is measured on the *compressed*
+  model (``compress_and_unload()``); ``decay-keep`` keeps its noise mean, so it is merged instead.
 
-The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x. Each cell is the
-mean and spread (min-max) over ``--seeds``. Results go to the "quality" section of BENCHMARKS.md.
+The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x. ``--lr``,
+``--lr-svd``, ``--kd-weight`` and ``--decay-end`` take comma-separated lists (every combination runs). Each cell is
+the mean and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run
+again; ``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
+"quality" section of BENCHMARKS.md.
 
-    python benchmarks/quality.py                                      # the full grid (hours on 2 CPU cores)
-    python benchmarks/quality.py --train-size 3000 --seeds 0 --ranks 128,64 --methods full,lora,svd,decay-off
+    python benchmarks/quality.py --methods full,svd,decay-off-svd-kd --lr 5e-4 --lr-svd 1e-4   # hours on 2 CPU cores
+    python benchmarks/quality.py --device cuda --workers 4 --methods full,lora,svd,decay-off-svd-kd --lr 5e-4
+    python benchmarks/quality.py --train-size 3000 --seeds 0 --ranks 128 --methods svd,decay-off-svd-kd --lr 5e-4
 """
 
 from __future__ import annotations

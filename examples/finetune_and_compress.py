@@ -26,7 +26,17 @@ the pretrained network (weight 3), noise off, d from 1 to 0 between 10% and 90% 
 snippets (stratified, never used for choices made during the run). This is the best setting of
 ``benchmarks/quality.py`` (BENCHMARKS.md), which also lists what did worse.
 
-MEASURED
+Measured with the defaults (torch 2.13 CPU, 2 cores; command 1 of the README in a fresh clone):
+                             DecayLoRA (PeftModel)  merged (original size)  compressed
+  held-out accuracy                         0.7975                  0.7975      0.7975
+  adapted-layer parameters                                      10,637,568   5,329,152
+  total parameters                                              22,713,986  17,405,570
+  size on disk (safetensors)                                      86.7 MiB    66.4 MiB
+  CPU latency / batch of 64                 276 ms                  436 ms      266 ms
+  wall time 279 s (training 225 s); the compressed model reloaded from disk gives identical logits.
+For reference, full fine-tuning reached 0.8155 and LoRA 0.79-0.82 on this split (original size). Before the SVD
+initialisation and distillation defaults, this script reached 0.777 on the feed-forward layers alone (r=96, 2
+epochs), and 0.753 with attention added.
 """
 
 from __future__ import annotations
@@ -193,7 +203,7 @@ def latencies(models: dict, batches, repeats: int = 3) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- figure
-def plot_run(log_history, path, title):
+def plot_run(log_history, path, title, loss_title="training loss"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +222,7 @@ def plot_run(log_history, path, title):
     ax = axes[1]
     if loss:
         ax.plot(*zip(*loss), color="tab:red")
-    ax.set_xlabel("optimizer step"), ax.set_title("training loss")
+    ax.set_xlabel("optimizer step"), ax.set_title(loss_title)
     ax = axes[2]
     if acc:
         ax.plot(*zip(*acc), marker="o", color="tab:green")
@@ -353,8 +363,10 @@ def main(argv=None) -> dict:
 
     figure = out / "decaylora_run.png"
     plot_run(trainer.state.log_history, figure,
-             f"DecayLoRA r={args.rank}, noise={args.noise}, on {len(keys)} layers ({kinds}); held-out accuracy "
-             f"{acc_peft:.3f} (DecayLoRA) = {acc_compressed:.3f} (compressed)")
+             f"DecayLoRA r={args.rank}, init={args.init}, distillation weight {args.distillation_weight:g}, "
+             f"noise={args.noise}, on {len(keys)} layers ({kinds}); held-out accuracy {acc_peft:.3f} (DecayLoRA) = "
+             f"{acc_compressed:.3f} (compressed)",
+             "training loss" + (" (task + weighted distillation)" if args.distillation_weight else ""))
     wall = time.perf_counter() - t_start
 
     tokens = int(sum(int(b["attention_mask"].sum()) for b in latency_batches)) / len(latency_batches)
