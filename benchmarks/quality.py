@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import math
@@ -197,11 +198,15 @@ DEFAULT_DECAY_END = 0.9
 
 def _worker(job):
     spec, args = job
-    global _LOADED
-    if "_LOADED" not in globals():
-        torch.set_num_threads(args.threads) if args.threads else None
-        _LOADED = load_minilm(args.model)
-    return run(spec, args, *_LOADED)
+    return run(spec, args, *_model_and_tokenizer(args.model, args.threads))
+
+
+@functools.lru_cache(maxsize=1)
+def _model_and_tokenizer(model: str | None, threads: int):
+    """Loaded once per worker process."""
+    if threads:
+        torch.set_num_threads(threads)
+    return load_minilm(model)
 
 
 def floats(text: str) -> list[float]:

@@ -196,10 +196,7 @@ class DecayLoraConfig(PeftConfig):
         if not (isinstance(self.init_weights, bool) or self.init_weights == "svd"):
             raise ValueError(f"`init_weights` must be True, False or 'svd', got {self.init_weights!r}.")
         _check_choice("distillation", self.distillation, DISTILLATION)
-        if isinstance(self.distillation_weight, bool) or not isinstance(self.distillation_weight, numbers.Real) or not (
-            self.distillation_weight >= 0
-        ):
-            raise ValueError(f"`distillation_weight` must be a number >= 0, got {self.distillation_weight!r}.")
+        _check_range("distillation_weight", self.distillation_weight, 0.0, float("inf"))
         for name in ("bias_compensation", "detect_fused_layouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

@@ -327,9 +327,10 @@ class DecayLoraLayer(BaseTunerLayer):
     def pretrained_weight(self) -> torch.Tensor:
         """The base layer's original weight (canonical layout): ``W``, also while it holds an SVD residual."""
         weight = self.kind.weight(self.get_base_layer()).detach()
-        for name, left in self.decaylora_top_left.items():
-            return weight + (left @ self.decaylora_top_right[name]).reshape(weight.shape)
-        return weight
+        if not self.decaylora_top_left:
+            return weight
+        (name,) = self.decaylora_top_left.keys()  # an SVD-initialised adapter is alone on its layer
+        return weight + (self.decaylora_top_left[name] @ self.decaylora_top_right[name]).reshape(weight.shape)
 
     def _pretrained_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """What the pretrained layer computes: ``W x + b``."""

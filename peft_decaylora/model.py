@@ -47,7 +47,8 @@ class DecayLoraModel(BaseTuner):
         super().__init__(model, peft_config, adapter_name, **kwargs)
         # Distillation runs from hooks on the wrapped model, so it applies whichever PeftModel class calls it.
         self._teaching = False
-        self._wants_hidden_states = None
+        # (weight, whether the caller asked for hidden states) of the forward in flight, set by the pre-hook
+        self._pending_distillation = None
         self._distillation_hooks = (
             self.model.register_forward_pre_hook(self._request_hidden_states, with_kwargs=True),
             self.model.register_forward_hook(self._add_distillation_loss, with_kwargs=True),
@@ -180,7 +181,7 @@ class DecayLoraModel(BaseTuner):
     # -------------------------------------------------------------------------------------------- distillation
     def _distillation_weight(self, module: nn.Module, kwargs: dict) -> float:
         """The weight of the distillation term for this forward: 0 unless training with distillation on."""
-        if self._teaching or not module.training or len(self.active_adapters) != 1:
+        if not module.training or len(self.active_adapters) != 1:
             return 0.0
         config = self.peft_config.get(self.active_adapters[0])
         if config is None or config.distillation == "off":
@@ -196,22 +197,25 @@ class DecayLoraModel(BaseTuner):
         return float(config.distillation_weight)
 
     def _request_hidden_states(self, module, args, kwargs):
-        if self._distillation_weight(module, kwargs):
-            self._wants_hidden_states = kwargs.get("output_hidden_states")
-            kwargs["output_hidden_states"] = True
-            return args, kwargs
-        return None
-
-    def _add_distillation_loss(self, module, args, kwargs, outputs):
+        if self._teaching:
+            return None
         weight = self._distillation_weight(module, kwargs)
+        self._pending_distillation = (weight, kwargs.get("output_hidden_states")) if weight else None
         if not weight:
             return None
+        kwargs["output_hidden_states"] = True
+        return args, kwargs
+
+    def _add_distillation_loss(self, module, args, kwargs, outputs):
+        if self._teaching or self._pending_distillation is None:
+            return None
+        (weight, wants_hidden_states), self._pending_distillation = self._pending_distillation, None
         with torch.no_grad(), self._pretrained_network():
             teacher = module(*args, **kwargs)
         if getattr(outputs, "loss", None) is None or getattr(teacher, "hidden_states", None) is None:
             raise ValueError(_DISTILLATION_NEEDS)
         outputs.loss = outputs.loss + weight * hidden_state_distillation_loss(outputs.hidden_states, teacher.hidden_states)
-        if not self._wants_hidden_states:
+        if not wants_hidden_states:
             outputs.hidden_states = None
         return outputs
 
