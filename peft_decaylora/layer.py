@@ -7,6 +7,7 @@ state are written once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import warnings
@@ -21,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import DecayLoraConfig
 from .fused import SlicedUpProjection, adapted_row_mask, normalize_layout, slice_ids
-from .schedule import decay_factor, is_resolvable, noise_active, noise_scale
+from .schedule import is_resolvable, schedule_point
 
 
 class LayerKind:
@@ -46,6 +47,11 @@ class LayerKind:
     @staticmethod
     def frozen_product(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         return F.linear(x, weight, bias)
+
+    @staticmethod
+    def input_gradient(base: nn.Module, grad: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size):
+        """The gradient of ``frozen_product`` with respect to its input (it is linear in the input)."""
+        return grad.matmul(weight)
 
     @staticmethod
     def make_adapter(base: nn.Module, in_features: int, out_features: int, r: int) -> tuple[nn.Module, nn.Module]:
@@ -97,6 +103,14 @@ class Conv2dKind(LayerKind):
     @staticmethod
     def frozen_product(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         return base._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def input_gradient(base: nn.Module, grad: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size):
+        if base.padding_mode == "zeros" and not isinstance(base.padding, str):
+            return torch.nn.grad.conv2d_input(input_shape, weight, grad, base.stride, base.padding, base.dilation)
+        with torch.enable_grad():  # "same"/"valid" or non-zero padding: differentiate the product at a zero input
+            probe = grad.new_zeros(input_shape, requires_grad=True)
+            return torch.autograd.grad(base._conv_forward(probe, weight, None), probe, grad)[0]
 
     @staticmethod
     def make_adapter(base: nn.Module, in_features: int, out_features: int, r: int) -> tuple[nn.Module, nn.Module]:
@@ -164,6 +178,26 @@ def weight_statistics(weight: torch.Tensor, mode: str, ids: Optional[torch.Tenso
     return mean.reshape(shape), std.reshape(shape)
 
 
+class RebuiltWeightProduct(torch.autograd.Function):
+    """``frozen_product(x, make_weight(), bias)`` that rebuilds the frozen weight in backward instead of saving it.
+
+    The noisy weight ``d W + N`` is a new W-sized tensor every step; regenerating it from its seed in backward (one
+    more noise draw) keeps training memory at LoRA's. Only the input gets a gradient: weight and bias are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, kind, base, make_weight):
+        ctx.kind, ctx.base, ctx.make_weight, ctx.input_shape, ctx.input_dtype = kind, base, make_weight, x.shape, x.dtype
+        return kind.frozen_product(base, x, make_weight(), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        weight = ctx.make_weight().to(grad.dtype)
+        return ctx.kind.input_gradient(ctx.base, grad, weight, ctx.input_shape).to(ctx.input_dtype), None, None, None, None
+
+
 def noise_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (the config seed, the layer, the step and the forward within the step)."""
     digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
@@ -218,6 +252,8 @@ class DecayLoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.layer_key = layer_key
+        # The layer's part of its noise seeds (hashed once: the key never changes).
+        self._layer_seed = int.from_bytes(hashlib.blake2b(layer_key.encode(), digest_size=8).digest(), "little")
         # Host-side copies of the step buffers, read every forward without a device sync; each entry is checked
         # against the buffer's identity and version, so loading or assigning the buffer is noticed. Also the number
         # of training forwards since the step last changed (indexes the noise within a step).
@@ -384,19 +420,17 @@ class DecayLoraLayer(BaseTunerLayer):
             self._host_step[adapter_name] = cached
         return cached[2]
 
-    def decay_factor(self, adapter_name: str) -> float:
+    def schedule_point(self, adapter_name: str) -> tuple[float, float]:
+        """``(d, noise scale)`` of ``adapter_name`` at its current step; the noise scale is 0 while noise is off."""
         cfg = self.decaylora_config[adapter_name]
-        return decay_factor(
-            self.get_step(adapter_name),
-            total_steps=cfg.total_steps,
-            decay_start=cfg.decay_start,
-            decay_end=cfg.decay_end,
-            min_decay=cfg.min_decay,
-        )
+        return schedule_point(self.get_step(adapter_name), cfg.total_steps, cfg.decay_start, cfg.decay_end,
+                              cfg.min_decay, cfg.noise, cfg.noise_threshold)
+
+    def decay_factor(self, adapter_name: str) -> float:
+        return self.schedule_point(adapter_name)[0]
 
     def noise_active(self, adapter_name: str) -> bool:
-        cfg = self.decaylora_config[adapter_name]
-        return noise_active(self.decay_factor(adapter_name), cfg.noise, cfg.noise_threshold)
+        return self.schedule_point(adapter_name)[1] > 0.0
 
     # ----------------------------------------------------------------------------------------- frozen weight
     def _noise_generator_seed(self, adapter_name: str) -> int:
@@ -406,41 +440,40 @@ class DecayLoraLayer(BaseTunerLayer):
         recomputing = torch._C._current_graph_task_id() != -1
         index = self._forward_index.get(adapter_name, -1) + (0 if recomputing else 1)
         self._forward_index[adapter_name] = index
-        key = int.from_bytes(hashlib.blake2b(self.layer_key.encode(), digest_size=8).digest(), "little")
-        cfg = self.decaylora_config[adapter_name]
-        return noise_seed(cfg.noise_seed, key, step, index)
+        return noise_seed(self.decaylora_config[adapter_name].noise_seed, self._layer_seed, step, index)
 
-    def _effective_frozen_weight(self, adapter_name: str, d: float, sample: bool) -> torch.Tensor:
-        """``d W + N`` with fresh noise when ``sample``, else its expectation ``d W + (1 - d) m``."""
-        cfg = self.decaylora_config[adapter_name]
+    def _effective_frozen_weight(self, adapter_name: str, d: float, seed: Optional[int]) -> torch.Tensor:
+        """``d W + N`` with the noise drawn from ``seed``, or its expectation ``d W + (1 - d) m`` when None."""
         weight = self.kind.weight(self.get_base_layer()).detach()
         decay = self.row_decay(adapter_name, d)
         if torch.is_tensor(decay):
             decay = self._as_weight_column(decay.to(weight.dtype), weight)
         mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
-        if not sample:
+        if seed is None:
             return torch.addcmul(mean, weight, decay) if torch.is_tensor(decay) else torch.add(mean, weight, alpha=d)
         generator = torch.Generator(device=weight.device)
-        generator.manual_seed(self._noise_generator_seed(adapter_name))
+        generator.manual_seed(seed)
         noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
-        std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_scale(d, cfg.noise, cfg.noise_threshold)
+        std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * self.schedule_point(adapter_name)[1]
         noise = noise.mul_(std).add_(mean)
         return noise.addcmul_(weight, decay) if torch.is_tensor(decay) else noise.add_(weight, alpha=d)
 
-    def _frozen_output(self, x: torch.Tensor, adapter_name: str, *args, **kwargs) -> Optional[torch.Tensor]:
-        """The frozen part ``d (W x + b) + N x``, or None when it is exactly zero (d = 0, no noise mean)."""
+    def _frozen_output(self, x: torch.Tensor, adapter_name: str, *args, **kwargs):
+        """The frozen part ``d (W x + b) + N x`` as ``(output, factor)``, to be added as ``factor * output`` (the
+        scaling by d rides on that addition); ``output`` is None when the part is exactly zero (d = 0, no noise)."""
         base = self.get_base_layer()
-        d = self.decay_factor(adapter_name)
+        d, noise_std_scale = self.schedule_point(adapter_name)
         if d == 1.0:
-            return base(x, *args, **kwargs)
+            return base(x, *args, **kwargs), 1.0
         decay = self.row_decay(adapter_name, d)
-        if not self.noise_active(adapter_name):
-            if not torch.is_tensor(decay):
-                return None if d == 0.0 else base(x, *args, **kwargs) * d
-            return base(x, *args, **kwargs) * self.kind.channel_view(decay)
-        weight = self._effective_frozen_weight(adapter_name, d, sample=self.training)
+        if noise_std_scale == 0.0:
+            if torch.is_tensor(decay):
+                return base(x, *args, **kwargs) * self.kind.channel_view(decay), 1.0
+            return (None if d == 0.0 else base(x, *args, **kwargs)), d
+        seed = self._noise_generator_seed(adapter_name) if self.training else None
         bias = None if base.bias is None else base.bias * decay
-        return self.kind.frozen_product(base, x, weight, bias)
+        make_weight = functools.partial(self._effective_frozen_weight, adapter_name, d, seed)
+        return RebuiltWeightProduct.apply(x, bias, self.kind, base, make_weight), 1.0
 
     # ------------------------------------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -544,14 +577,16 @@ class DecayLoraLayer(BaseTunerLayer):
                 "`DecayLoraConfig(total_steps=...)`."
             )
         previous_dtype = x.dtype
-        frozen = self._frozen_output(x, adapter_name, *args, **kwargs)
+        frozen, factor = self._frozen_output(x, adapter_name, *args, **kwargs)
         A, B = self.decaylora_A[adapter_name], self.decaylora_B[adapter_name]
         x_adapter = self._cast_input_dtype(self.decaylora_dropout[adapter_name](x), A.weight.dtype)
-        h = A(x_adapter) * self.scaling[adapter_name]  # scale the rank-r activations, the cheapest place
+        h = A(x_adapter)
+        if self.scaling[adapter_name] != 1.0:
+            h = h * self.scaling[adapter_name]  # scale the rank-r activations, the cheapest place
         C = self.decaylora_C[adapter_name]
         result = B(h, C) if isinstance(B, SlicedUpProjection) else self.kind.up_projection(B, h, C)
         if frozen is not None:
-            result = frozen + result.to(frozen.dtype)
+            result = torch.add(result.to(frozen.dtype), frozen, alpha=factor)
         return result.to(previous_dtype)
 
     def __repr__(self) -> str:

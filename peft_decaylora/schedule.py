@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -75,3 +76,18 @@ def noise_active(d: float, noise: str, noise_threshold: float) -> bool:
 def noise_scale(d: float, noise: str, noise_threshold: float) -> float:
     """The noise standard deviation as a multiple of W's, sqrt(1 - d^2), or 0 while noise is off."""
     return math.sqrt(max(0.0, 1.0 - d * d)) if noise_active(d, noise, noise_threshold) else 0.0
+
+
+@functools.lru_cache(maxsize=4096, typed=True)  # typed: decay_end=1 (a step) is not decay_end=1.0 (the whole run)
+def schedule_point(
+    step: int,
+    total_steps: Optional[int],
+    decay_start: SchedulePoint,
+    decay_end: SchedulePoint,
+    min_decay: float,
+    noise: str,
+    noise_threshold: float,
+) -> tuple[float, float]:
+    """``(d, noise scale)`` at ``step``: what every adapted layer needs each forward, computed once per step."""
+    d = decay_factor(step, total_steps=total_steps, decay_start=decay_start, decay_end=decay_end, min_decay=min_decay)
+    return d, noise_scale(d, noise, noise_threshold)

@@ -16,6 +16,7 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
 )
+from transformers.pytorch_utils import Conv1D
 
 from peft_decaylora import DecayLoraConfig
 from peft_decaylora.fused import slice_ids
@@ -272,7 +273,7 @@ def test_conv_noise_folds_into_the_kernel_with_the_right_statistics(noise_stats)
     layer = model.base_model.model.conv2
     layer.train()
     W = layer.get_base_layer().weight.detach()
-    noise = torch.stack([layer._effective_frozen_weight("default", 0.5, sample=True) - 0.5 * W for _ in range(200)])
+    noise = torch.stack([layer._effective_frozen_weight("default", 0.5, seed) - 0.5 * W for seed in range(200)])
     dims = (0, 2, 3, 4)
     if noise_stats == "tensor":
         assert noise.var().item() == pytest.approx(0.75 * W.var(unbiased=False).item(), rel=0.05)
@@ -282,11 +283,48 @@ def test_conv_noise_folds_into_the_kernel_with_the_right_statistics(noise_stats)
     # the layer's forward uses exactly this weight: one convolution with the folded kernel
     x = torch.randn(2, 16, 9, 9)
     layer._forward_index.clear()
-    weight = layer._effective_frozen_weight("default", 0.5, sample=True)
+    weight = layer._effective_frozen_weight("default", 0.5, layer._noise_generator_seed("default"))
     layer._forward_index.clear()
     with torch.no_grad():
         out = layer(x)
     torch.testing.assert_close(out, layer.get_base_layer()._conv_forward(x, weight, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_base, input_shape",
+    [
+        (lambda: nn.Linear(12, 10), (3, 5, 12)),
+        (lambda: Conv1D(10, 12), (3, 5, 12)),
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 9, 9)),
+        (lambda: nn.Conv2d(4, 6, 3, padding="same", dilation=2), (2, 4, 8, 8)),
+        (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (2, 4, 8, 8)),
+    ],
+    ids=["linear", "conv1d", "conv2d-stride", "conv2d-same", "conv2d-reflect"],
+)
+def test_noisy_weight_is_rebuilt_in_backward_not_saved(make_base, input_shape):
+    """The noise phase's input gradient is the one through ``d W + N``, yet no W-sized tensor is kept for backward."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.ModuleDict({"layer": make_base()}), DecayLoraConfig(
+        r=3, target_modules=["layer"], total_steps=TOTAL, noise="keep", init_weights=True))
+    model.base_model.set_step(50)
+    layer = model.base_model.model["layer"]
+    base = layer.get_base_layer()
+    layer.train()
+    layer._forward_index.clear()
+    weight = layer._effective_frozen_weight("default", 0.5, layer._noise_generator_seed("default"))
+    layer._forward_index.clear()
+    x = torch.randn(input_shape, requires_grad=True)
+    saved_sizes = []  # elements of every tensor autograd keeps (a transposed view of the weight counts too)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_sizes.append(t.numel()) or t, lambda t: t):
+        out = layer(x)  # B = 0 and C = 0: the output is the frozen product alone
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    reference_x = x.detach().requires_grad_()
+    reference = layer.kind.frozen_product(base, reference_x, weight, base.bias * 0.5)
+    (reference_grad,) = torch.autograd.grad(reference, reference_x, grad_out)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grad, reference_grad)
+    assert weight.numel() not in saved_sizes
 
 
 def test_conv_training_reduces_the_loss_through_the_decay():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from peft_decaylora.schedule import decay_factor, noise_active, noise_scale, schedule_bounds
+from peft_decaylora.schedule import decay_factor, noise_active, noise_scale, schedule_bounds, schedule_point
 
 
 def d(step, total=1000, start=0.1, end=0.9, min_decay=0.0):
@@ -79,3 +79,10 @@ def test_start_after_end_once_resolved_is_an_error():
 def test_noise_schedules(mode, d_value, expected):
     assert noise_active(d_value, mode, 0.3) is expected
     assert noise_scale(d_value, mode, 0.3) == (pytest.approx(math.sqrt(1 - d_value**2)) if expected else 0.0)
+
+
+def test_schedule_point_tells_a_step_from_a_fraction():
+    """The per-step cache keys on types too: decay_end=50 (a step) and decay_end=50.0 would be different runs."""
+    assert schedule_point(20, 100, 0, 40, 0.0, "vanish", 0.3) == (0.5, pytest.approx(0.75**0.5))
+    assert schedule_point(20, 100, 0, 1, 0.0, "off", 0.3) == (0.0, 0.0)  # decay_end = step 1
+    assert schedule_point(20, 100, 0, 1.0, 0.0, "off", 0.3) == (0.8, 0.0)  # decay_end = the whole run
