@@ -8,13 +8,17 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
 - ``svd``: every adapted Linear replaced by its truncated SVD of rank r (``Linear(in, r)`` then ``Linear(r, out)``,
   the same parameter count as compressed DecayLoRA), then trained with the classifier.
-- ``decay-<off|vanish|keep>[-noC][-svd][-kd]``: DecayLoRA with that noise schedule; ``-noC`` turns off the
-  compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-kd`` ``distillation="hidden_states"``
-  with ``--kd-weight``. ``decay-off-svd-kd`` is the library's default. Accuracy is measured on the *compressed*
-  model (``compress_and_unload()``); ``decay-keep`` keeps its noise mean, so it is merged instead.
+- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd]``: DecayLoRA with that noise schedule; ``-noC`` turns off the
+  compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines that split with
+  ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
+  ``distillation="hidden_states"`` with ``--kd-weight``. ``decay-off-svd-kd`` is the library's default.
+  Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
+  mean, so it is merged instead.
 
-The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x. ``--lr``,
-``--lr-svd``, ``--kd-weight`` and ``--decay-end`` take comma-separated lists (every combination runs). Each cell is
+The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x; ``--attn-ratio``
+moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count. ``--lr``,
+``--lr-svd``, ``--kd-weight``, ``--decay-end`` and ``--attn-ratio`` take comma-separated lists (every combination
+runs). Each cell is
 the mean and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run
 again; ``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
 "quality" section of BENCHMARKS.md.
@@ -46,7 +50,8 @@ import peft_decaylora  # noqa: F401
 from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_tomatoes, markdown_table, write_section
 
 METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
-           "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-vanish-svd-kd"]
+           "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
+           "decay-vanish-svd-kd"]
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
@@ -82,6 +87,16 @@ def svd_factorise(model: nn.Module, pattern: str, r: int) -> None:
             setattr(model.get_submodule(parent), child, nn.Sequential(down, up))
 
 
+def attention_rank_split(r: int, ratio: float) -> dict:
+    """Ranks with the parameters of rank ``r`` everywhere: ``ratio * r`` for the four 384x384 attention matrices of a
+    layer, the rest of the layer's budget for its two 384x1536 feed-forward matrices."""
+    attention = max(1, round(ratio * r))
+    feed_forward = round((4 * 768 * r + 2 * 1920 * r - 4 * 768 * attention) / (2 * 1920))
+    names = [r"query", r"key", r"value", r"attention\.output\.dense"]
+    return {"r": feed_forward, "lora_alpha": feed_forward, "rank_pattern": {name: attention for name in names},
+            "alpha_pattern": {name: attention for name in names}}
+
+
 def build(spec: dict, base, total_steps: int):
     """The model to train for ``spec["method"]`` at rank ``spec["r"]``."""
     from peft import LoraConfig, get_peft_model
@@ -100,6 +115,8 @@ def build(spec: dict, base, total_steps: int):
     common = dict(r=r, lora_alpha=r, target_modules=ENCODER_LINEAR, modules_to_save=["classifier"], task_type="SEQ_CLS")
     if method == "lora":
         return get_peft_model(model, LoraConfig(**common))
+    if spec.get("attn_ratio", 1.0) != 1.0:
+        common.update(attention_rank_split(r, spec["attn_ratio"]))
     _, noise, *flags = method.split("-")
     config = DecayLoraConfig(
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
@@ -113,13 +130,18 @@ def run(spec: dict, args, base, tokenizer) -> dict:
     import transformers
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from peft_decaylora import DecayLoraCallback
+    from peft_decaylora import DecayLoraCallback, initialize_from_activations
 
     method, seed = spec["method"], spec["seed"]
     transformers.set_seed(seed)
     train, test = tokenized_data(tokenizer, args.train_size, seed, args.data)
     total_steps = math.ceil(len(train) / args.batch_size) * args.epochs
     model = build(spec, base, total_steps)
+    if "cal" in method.split("-"):
+        collate = DataCollatorWithPadding(tokenizer)
+        batches = [collate([train[j] for j in range(i, min(i + args.batch_size, len(train)))])
+                   for i in range(0, min(len(train), args.calibration_batches * args.batch_size), args.batch_size)]
+        initialize_from_activations(model, batches)
     training_args = TrainingArguments(
         output_dir=str(REPO / "outputs" / "quality"), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64, num_train_epochs=args.epochs, learning_rate=spec["lr"],
@@ -160,6 +182,8 @@ def label(row: dict) -> str:
             parts.append(f"kd {row['kd_weight']:g}")
         if row["decay_end"] != DEFAULT_DECAY_END:
             parts.append(f"decay_end {row['decay_end']:g}")
+        if row.get("attn_ratio", 1.0) != 1.0:
+            parts.append(f"attention rank {row['attn_ratio']:g}r")
     return ", ".join(parts)
 
 
@@ -216,7 +240,7 @@ def floats(text: str) -> list[float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd][-kd] (svd: init_weights='svd'; "
+                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd] (svd: init_weights='svd'; "
                              "kd: distillation='hidden_states')")
     parser.add_argument("--ranks", default="128,64,32", help="about 2x, 4x and 8x compression of the adapted layers")
     parser.add_argument("--seeds", default="0,1,2")
@@ -228,6 +252,9 @@ def main():
     parser.add_argument("--lr-svd", default="1e-3", help="learning rate(s) of the SVD baseline")
     parser.add_argument("--kd-weight", default="1.0", help="distillation_weight(s) of the -kd methods")
     parser.add_argument("--decay-end", default=str(DEFAULT_DECAY_END), help="decay_end value(s) of DecayLoRA")
+    parser.add_argument("--attn-ratio", default="1", help="DecayLoRA's attention rank as a multiple of r, the "
+                        "feed-forward rank taking the rest of the same parameter budget (value(s))")
+    parser.add_argument("--calibration-batches", type=int, default=32, help="training batches for -cal")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="a Hub name or local path instead of the packaged MiniLM")
     parser.add_argument("--data", default=None, help="a csv (text, label/category) instead of the packaged corpus")
@@ -242,9 +269,9 @@ def main():
     methods, ranks = args.methods.split(","), [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
-        r"decay-(off|vanish|keep)(-noC)?(-svd)?(-kd)?", m)]
+        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?", m)]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from full, lora, svd, decay-<off|vanish|keep>[-noC][-svd][-kd]")
+        parser.error(f"unknown methods {unknown}; choose from full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd]")
     setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = []
     for seed in seeds:
@@ -252,10 +279,11 @@ def main():
             lrs = floats(args.lr_full if method == "full" else args.lr_svd if method == "svd" else args.lr)
             kd_weights = floats(args.kd_weight) if method.endswith("-kd") else [float(args.kd_weight.split(",")[0])]
             decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
-            for r, lr, kd_weight, decay_end in itertools.product([0] if method == "full" else ranks, lrs, kd_weights,
-                                                                decay_ends):
+            attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
+            for r, lr, kd_weight, decay_end, attn_ratio in itertools.product(
+                    [0] if method == "full" else ranks, lrs, kd_weights, decay_ends, attn_ratios):
                 jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "kd_weight": kd_weight,
-                             "decay_end": decay_end, **setting})
+                             "decay_end": decay_end, "attn_ratio": attn_ratio, **setting})
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -291,10 +319,11 @@ def main():
 
 
 def run_key(run: dict) -> tuple:
-    """What identifies a run: the distillation weight only for -kd methods, decay_end only for DecayLoRA."""
-    method = run["method"]
+    """What identifies a run: the distillation weight only for -kd methods, decay_end and the attention rank ratio
+    only for DecayLoRA."""
+    method, decay = run["method"], run["method"].startswith("decay")
     return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if method.endswith("-kd") else None,
-            run["decay_end"] if method.startswith("decay") else None)
+            run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None)
 
 
 def _collect(finished, path: Path, done: list[dict]) -> None:

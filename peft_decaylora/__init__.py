@@ -7,6 +7,7 @@ Importing this package adds ``DECAYLORA`` to ``peft.PeftType`` and registers the
 from peft.utils import register_peft_method
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from .calibration import initialize_from_activations
 from .compression import CompressedLayer, CompressionError, compress_and_unload, load_compressed, save_compressed
 from .config import DecayLoraConfig
 from .layer import DecayLoraLayer, DecayLoraModule
@@ -35,6 +36,7 @@ __all__ = [
     "PEFT_TYPE",
     "compress_and_unload",
     "decay_factor",
+    "initialize_from_activations",
     "load_compressed",
     "noise_active",
     "noise_scale",

@@ -328,12 +328,23 @@ class DecayLoraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     @torch.no_grad()
-    def _split_off_top(self, adapter_name: str, r: int, scaling: float) -> None:
+    def _split_off_top(
+        self, adapter_name: str, r: int, scaling: float, input_gram: Optional[torch.Tensor] = None
+    ) -> None:
         """Start ``s B A`` at the top-``r`` SVD part of ``W`` (of each adapted slice, for a fused layout) and leave
-        the residual in the base layer."""
+        the residual in the base layer.
+
+        With ``input_gram`` (``E[x x^T]`` of the layer's inputs, ``G = L L^T``) the top part is the rank-``r`` fit of
+        ``W x`` on those inputs instead of ``W``: the SVD of ``W L``, mapped back by ``L^-1`` (activation-aware SVD).
+        """
         base = self.get_base_layer()
         weight = self.kind.weight(base)
         rows = weight.detach().float().reshape(weight.shape[0], -1)
+        whitening = None
+        if input_gram is not None:
+            gram = input_gram.to(rows)
+            jitter = 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], device=gram.device)
+            whitening = torch.linalg.cholesky(gram + jitter)
         A = self.decaylora_A[adapter_name].weight
         B_module = self.decaylora_B[adapter_name]
         B = B_module.weight.view(B_module.weight.shape[0], -1)  # (rows of B, r): a Conv2d B is (out, r, 1, 1)
@@ -344,21 +355,30 @@ class DecayLoraLayer(BaseTunerLayer):
         B.zero_()
         lefts, rights = [], []
         for index, (output_rows, b_rows) in enumerate(blocks):
-            U, S, Vh = torch.linalg.svd(rows[output_rows], full_matrices=False)
+            block = rows[output_rows] if whitening is None else rows[output_rows] @ whitening
+            U, S, Vh = torch.linalg.svd(block, full_matrices=False)
             k = min(r, S.numel())  # ranks above the block's rank keep their random A rows and zero B columns
             root = (S[:k] / scaling).sqrt()
+            right = Vh[:k] if whitening is None else torch.linalg.solve_triangular(
+                whitening, Vh[:k], upper=False, left=False)  # Vh L^-1
             a = A[index * r : index * r + k]
-            a.copy_((root[:, None] * Vh[:k]).reshape(a.shape))
+            a.copy_((root[:, None] * right).reshape(a.shape))
             B[b_rows, :k] = (U[:, :k] * root).to(B.dtype)
             left = rows.new_zeros(rows.shape[0], k)
             left[output_rows] = U[:, :k] * S[:k]
             lefts.append(left)
-            rights.append(Vh[:k])
+            rights.append(right)
         left, right = torch.cat(lefts, dim=1), torch.cat(rights)
         residual = (rows - left @ right).reshape(weight.shape).to(weight.dtype)
         base.weight.data = self.kind.stored_weight(base, residual)
         self.decaylora_top_left[adapter_name] = left.to(weight.dtype)
         self.decaylora_top_right[adapter_name] = right.to(weight.dtype)
+
+    def resplit_top(self, adapter_name: str, input_gram: torch.Tensor) -> None:
+        """Redo the SVD initialisation of ``adapter_name`` as the rank-``r`` fit of ``W x`` on inputs with second
+        moment ``input_gram`` (``in x in``). Resets ``A`` and ``B``: see ``initialize_from_activations``."""
+        self.restore_pretrained_weight()
+        self._split_off_top(adapter_name, self.r[adapter_name], self.scaling[adapter_name], input_gram)
 
     def pretrained_weight(self) -> torch.Tensor:
         """The base layer's original weight (canonical layout): ``W``, also while it holds an SVD residual."""

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from peft_decaylora import DecayLoraConfig
+from peft_decaylora import DecayLoraConfig, initialize_from_activations
 from peft_decaylora.model import hidden_state_distillation_loss
 
 from conftest import TwoLayerNet, tiny_bert
@@ -158,3 +158,56 @@ def test_distillation_hooks_leave_with_the_adapter():
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         DecayLoraConfig(target_modules=["query"], **kwargs)
+
+
+def test_activation_aware_init_is_the_best_rank_r_fit_on_the_calibration_inputs():
+    torch.manual_seed(0)
+    base = TwoLayerNet()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, DecayLoraConfig(r=4, lora_alpha=8, target_modules=["lin0"], total_steps=TOTAL))
+    plain = copy.deepcopy(model)
+    inputs = torch.randn(256, 24) @ torch.diag(torch.logspace(0, -2, 24))  # anisotropic, as real activations are
+    initialize_from_activations(model, [inputs[:128], (inputs[128:],)])
+    torch.testing.assert_close(model(inputs), reference(inputs), rtol=1e-5, atol=1e-5)  # W is still split exactly
+    W = reference.lin0.weight.detach()
+
+    def error(peft_model):  # how far the starting s B A is from W on the calibration inputs
+        return torch.linalg.matrix_norm((peft_model.base_model.model.lin0.get_delta_weight("default") - W) @ inputs.T)
+
+    singular_values = torch.linalg.svdvals(W @ inputs.T)
+    best = singular_values[4:].square().sum().sqrt()  # Eckart-Young: no rank-4 W' does better on these inputs
+    assert error(model).item() == pytest.approx(best.item(), rel=1e-3)
+    assert error(model) < 0.8 * error(plain)  # the plain SVD of W fits the outputs clearly worse
+
+
+def test_activation_aware_init_of_fused_slices_keeps_the_model_and_trains():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=24, n_layer=1, n_head=4, n_positions=16)).eval()
+    reference = copy.deepcopy(gpt2)
+    config = DecayLoraConfig(r=2, target_modules=["c_attn", "c_fc"], total_steps=TOTAL,
+                             fused_enable={"c_attn": [True, False, True]}, distillation="off")
+    model = get_peft_model(gpt2, config)
+    tokens = torch.randint(0, 50, (4, 8))
+    initialize_from_activations(model, [{"input_ids": tokens, "labels": tokens}])
+    torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=1e-4, atol=1e-5)
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    assert torch.equal(layer.get_base_layer().weight.T[24:48], reference.transformer.h[0].attn.c_attn.weight.T[24:48])
+    model.train()
+    model(tokens, labels=tokens).loss.backward()
+    assert layer.decaylora_A["default"].weight.grad.abs().sum() > 0
+
+
+def test_activation_aware_init_refuses_what_it_cannot_refine_and_changes_nothing():
+    x = torch.randn(3, 24)
+    zeros = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0"], init_weights=True))
+    with pytest.raises(ValueError, match="init_weights='svd'"):
+        initialize_from_activations(zeros, [x])
+    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0", "lin1"], total_steps=TOTAL))
+    model.base_model.set_step(5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="has not started training"):
+        initialize_from_activations(model, [x])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    conv = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3)), DecayLoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="linear layer"):
+        initialize_from_activations(conv, [torch.randn(1, 3, 5, 5)])
