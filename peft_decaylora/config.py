@@ -13,6 +13,7 @@ from .peft_type import extend_peft_type
 from .schedule import schedule_bounds
 
 NOISE_MODES = ("vanish", "keep", "off")
+DECAY_SHAPES = ("linear", "cosine")
 NOISE_STATS = ("tensor", "channel")
 DISTILLATION = ("auto", "hidden_states", "off")
 
@@ -53,6 +54,8 @@ class DecayLoraConfig(PeftConfig):
             `total_steps`, an int a step number.
         decay_end (`Union[int, float]`): First step of the cool-down, where ``d = min_decay``.
         min_decay (`float`): Decay factor of the cool-down, in [0, 1]. 0 (default) ends with a pure rank-r layer.
+        decay_shape (`str`): How ``d`` goes from 1 to `min_decay` between `decay_start` and `decay_end`: "linear"
+            (default, METHOD.md) or "cosine" (``(1 + cos(pi t)) / 2`` of the progress ``t``: slow at both ends).
         noise (`str`): "off" (default: decay alone), "vanish" (noise while ``d >= noise_threshold``; METHOD.md's
             default, which cost accuracy in every configuration measured in BENCHMARKS.md) or "keep" (noise for
             every ``d < 1``; the noise mean stays, so the model is never exactly rank ``r`` and cannot be compressed).
@@ -122,6 +125,9 @@ class DecayLoraConfig(PeftConfig):
         default=0.9, metadata={"help": "End of the linear decay: float = fraction of total_steps, int = step."}
     )
     min_decay: float = field(default=0.0, metadata={"help": "Decay factor after decay_end, in [0, 1]."})
+    decay_shape: Literal["linear", "cosine"] = field(
+        default="linear", metadata={"help": "Shape of the decay from 1 to min_decay: 'linear' or 'cosine'."}
+    )
     noise: Literal["vanish", "keep", "off"] = field(
         default="off", metadata={"help": "Noise schedule: 'off', 'vanish' or 'keep'."}
     )
@@ -180,6 +186,7 @@ class DecayLoraConfig(PeftConfig):
         for name in ("decay_start", "decay_end"):
             _check_schedule_point(name, getattr(self, name))
         _check_range("min_decay", self.min_decay, 0.0, 1.0)
+        _check_choice("decay_shape", self.decay_shape, DECAY_SHAPES)
         _check_choice("noise", self.noise, NOISE_MODES)
         _check_range("noise_threshold", self.noise_threshold, 0.0, 1.0)
         _check_choice("noise_stats", self.noise_stats, NOISE_STATS)

@@ -444,7 +444,7 @@ class DecayLoraLayer(BaseTunerLayer):
         """``(d, noise scale)`` of ``adapter_name`` at its current step; the noise scale is 0 while noise is off."""
         cfg = self.decaylora_config[adapter_name]
         return schedule_point(self.get_step(adapter_name), cfg.total_steps, cfg.decay_start, cfg.decay_end,
-                              cfg.min_decay, cfg.noise, cfg.noise_threshold)
+                              cfg.min_decay, cfg.decay_shape, cfg.noise, cfg.noise_threshold)
 
     def decay_factor(self, adapter_name: str) -> float:
         return self.schedule_point(adapter_name)[0]

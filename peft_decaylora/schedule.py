@@ -49,8 +49,10 @@ def decay_factor(
     decay_start: SchedulePoint,
     decay_end: SchedulePoint,
     min_decay: float,
+    decay_shape: str = "linear",
 ) -> float:
-    """d(t): 1 during warm-up, linear from 1 to ``min_decay`` between start and end, ``min_decay`` after.
+    """d(t): 1 during warm-up, from 1 to ``min_decay`` between start and end (linearly, or along a half cosine
+    with ``decay_shape="cosine"``), ``min_decay`` after.
 
     Before the schedule length is known, step 0 is warm-up (d = 1) so an untrained model reproduces its base model.
     """
@@ -61,7 +63,9 @@ def decay_factor(
         return 1.0
     if step >= end:
         return float(min_decay)
-    return 1.0 - (step - start) / (end - start) * (1.0 - min_decay)
+    progress = (step - start) / (end - start)
+    faded = progress if decay_shape == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
+    return 1.0 - faded * (1.0 - min_decay)
 
 
 def noise_active(d: float, noise: str, noise_threshold: float) -> bool:
@@ -85,9 +89,11 @@ def schedule_point(
     decay_start: SchedulePoint,
     decay_end: SchedulePoint,
     min_decay: float,
+    decay_shape: str,
     noise: str,
     noise_threshold: float,
 ) -> tuple[float, float]:
     """``(d, noise scale)`` at ``step``: what every adapted layer needs each forward, computed once per step."""
-    d = decay_factor(step, total_steps=total_steps, decay_start=decay_start, decay_end=decay_end, min_decay=min_decay)
+    d = decay_factor(step, total_steps=total_steps, decay_start=decay_start, decay_end=decay_end, min_decay=min_decay,
+                     decay_shape=decay_shape)
     return d, noise_scale(d, noise, noise_threshold)

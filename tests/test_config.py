@@ -36,6 +36,7 @@ def test_defaults():
         ({"min_decay": -0.1}, "min_decay"),
         ({"noise": "loud"}, "noise"),
         ({"noise_threshold": 1.2}, "noise_threshold"),
+        ({"decay_shape": "exponential"}, "decay_shape"),
         ({"noise_stats": "row"}, "noise_stats"),
         ({"total_steps": 0}, "total_steps"),
         ({"noise_seed": 1.5}, "noise_seed"),

@@ -83,6 +83,17 @@ def test_noise_schedules(mode, d_value, expected):
 
 def test_schedule_point_tells_a_step_from_a_fraction():
     """The per-step cache keys on types too: decay_end=50 (a step) and decay_end=50.0 would be different runs."""
-    assert schedule_point(20, 100, 0, 40, 0.0, "vanish", 0.3) == (0.5, pytest.approx(0.75**0.5))
-    assert schedule_point(20, 100, 0, 1, 0.0, "off", 0.3) == (0.0, 0.0)  # decay_end = step 1
-    assert schedule_point(20, 100, 0, 1.0, 0.0, "off", 0.3) == (0.8, 0.0)  # decay_end = the whole run
+    assert schedule_point(20, 100, 0, 40, 0.0, "linear", "vanish", 0.3) == (0.5, pytest.approx(0.75**0.5))
+    assert schedule_point(20, 100, 0, 1, 0.0, "linear", "off", 0.3) == (0.0, 0.0)  # decay_end = step 1
+    assert schedule_point(20, 100, 0, 1.0, 0.0, "linear", "off", 0.3) == (0.8, 0.0)  # decay_end = the whole run
+
+
+def test_cosine_decay_is_slow_at_both_ends():
+    kwargs = dict(total_steps=100, decay_start=10, decay_end=50, min_decay=0.2, decay_shape="cosine")
+    assert decay_factor(10, **kwargs) == 1.0 and decay_factor(50, **kwargs) == 0.2
+    assert decay_factor(30, **kwargs) == pytest.approx(0.6)  # the midpoint is the linear one's
+    quarter = 1 - 0.8 * (1 - math.cos(math.pi / 4)) / 2
+    assert decay_factor(20, **kwargs) == pytest.approx(quarter)  # above linear's 0.8 early on
+    assert decay_factor(40, **kwargs) == pytest.approx(1.2 - quarter)  # below linear's 0.4 late, by symmetry
+    assert [decay_factor(s, **kwargs) for s in range(10, 51)] == sorted(
+        (decay_factor(s, **kwargs) for s in range(10, 51)), reverse=True)
