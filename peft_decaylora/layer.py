@@ -187,15 +187,17 @@ class RebuiltWeightProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, kind, base, make_weight):
-        ctx.kind, ctx.base, ctx.make_weight, ctx.input_shape, ctx.input_dtype = kind, base, make_weight, x.shape, x.dtype
+        ctx.kind, ctx.base, ctx.make_weight = kind, base, make_weight
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
         return kind.frozen_product(base, x, make_weight(), bias)
 
     @staticmethod
     def backward(ctx, grad):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        weight = ctx.make_weight().to(grad.dtype)
-        return ctx.kind.input_gradient(ctx.base, grad, weight, ctx.input_shape).to(ctx.input_dtype), None, None, None, None
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.make_weight().to(grad.dtype)
+            grad_input = ctx.kind.input_gradient(ctx.base, grad, weight, ctx.input_shape).to(ctx.input_dtype)
+        return grad_input, None, None, None, None
 
 
 def noise_seed(*parts: int) -> int:
@@ -359,8 +361,9 @@ class DecayLoraLayer(BaseTunerLayer):
             U, S, Vh = torch.linalg.svd(block, full_matrices=False)
             k = min(r, S.numel())  # ranks above the block's rank keep their random A rows and zero B columns
             root = (S[:k] / scaling).sqrt()
-            right = Vh[:k] if whitening is None else torch.linalg.solve_triangular(
-                whitening, Vh[:k], upper=False, left=False)  # Vh L^-1
+            right = Vh[:k]
+            if whitening is not None:  # back from the whitened inputs: Vh L^-1
+                right = torch.linalg.solve_triangular(whitening, right, upper=False, left=False)
             a = A[index * r : index * r + k]
             a.copy_((root[:, None] * right).reshape(a.shape))
             B[b_rows, :k] = (U[:, :k] * root).to(B.dtype)
