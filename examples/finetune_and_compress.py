@@ -32,8 +32,8 @@ Measured with the defaults (torch 2.13 CPU, 2 cores; command 1 of the README in 
   adapted-layer parameters                                      10,637,568   5,329,152
   total parameters                                              22,713,986  17,405,570
   size on disk (safetensors)                                      86.7 MiB    66.4 MiB
-  CPU latency / batch of 64                 276 ms                  436 ms      266 ms
-  wall time 279 s (training 225 s); the compressed model reloaded from disk gives identical logits.
+  CPU latency / batch of 64                 254 ms                  416 ms      252 ms
+  wall time 266 s (training 216 s); the compressed model reloaded from disk gives identical logits.
 For reference, full fine-tuning reached 0.8155 and LoRA 0.79-0.82 on this split (original size). Before the SVD
 initialisation and distillation defaults, this script reached 0.777 on the feed-forward layers alone (r=96, 2
 epochs), and 0.753 with attention added.
