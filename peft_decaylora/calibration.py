@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .layer import Conv2dKind, DecayLoraLayer
+from .model import eval_mode
 
 
 def _run_batch(model: nn.Module, batch: Any) -> None:
@@ -70,16 +71,13 @@ def initialize_from_activations(
         return hook
 
     handles = [layer.register_forward_pre_hook(collect(name)) for name, layer in layers.items()]
-    modes = {module: module.training for module in model.modules()}  # restored module by module afterwards
-    model.eval()
     try:
-        for batch in batches:
-            (forward_fn or _run_batch)(model, batch)
+        with eval_mode(model):
+            for batch in batches:
+                (forward_fn or _run_batch)(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     if any(count == 0 for _, count in grams.values()):
         raise ValueError("The calibration batches reached no adapted layer; pass at least one batch of real inputs.")
     for name, layer in layers.items():

@@ -465,8 +465,11 @@ class DecayLoraLayer(BaseTunerLayer):
         self._forward_index[adapter_name] = index
         return noise_seed(self.decaylora_config[adapter_name].noise_seed, self._layer_seed, step, index)
 
-    def _effective_frozen_weight(self, adapter_name: str, d: float, seed: Optional[int]) -> torch.Tensor:
-        """``d W + N`` with the noise drawn from ``seed``, or its expectation ``d W + (1 - d) m`` when None."""
+    def _effective_frozen_weight(
+        self, adapter_name: str, d: float, noise_std_scale: float, seed: Optional[int]
+    ) -> torch.Tensor:
+        """``d W + N`` with the noise (std ``noise_std_scale`` times W's) drawn from ``seed``, or its expectation
+        ``d W + (1 - d) m`` when None."""
         weight = self.kind.weight(self.get_base_layer()).detach()
         decay = self.row_decay(adapter_name, d)
         if torch.is_tensor(decay):
@@ -477,7 +480,7 @@ class DecayLoraLayer(BaseTunerLayer):
         generator = torch.Generator(device=weight.device)
         generator.manual_seed(seed)
         noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
-        std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * self.schedule_point(adapter_name)[1]
+        std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_std_scale
         noise = noise.mul_(std).add_(mean)
         return noise.addcmul_(weight, decay) if torch.is_tensor(decay) else noise.add_(weight, alpha=d)
 
@@ -495,7 +498,8 @@ class DecayLoraLayer(BaseTunerLayer):
             return (None if d == 0.0 else base(x, *args, **kwargs)), d
         seed = self._noise_generator_seed(adapter_name) if self.training else None
         bias = None if base.bias is None else base.bias * decay
-        make_weight = functools.partial(self._effective_frozen_weight, adapter_name, d, seed)
+        # everything the weight depends on is fixed now, so the backward rebuilds exactly this forward's weight
+        make_weight = functools.partial(self._effective_frozen_weight, adapter_name, d, noise_std_scale, seed)
         return RebuiltWeightProduct.apply(x, bias, self.kind, base, make_weight), 1.0
 
     # ------------------------------------------------------------------------------------------------ merging

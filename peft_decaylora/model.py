@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from .config import DecayLoraConfig
 from .fused import detect_fused_layouts
 from .layer import SUPPORTED_LAYERS, DecayLoraLayer, DecayLoraModule, layer_kind
-from .schedule import noise_scale, schedule_bounds
+from .schedule import schedule_bounds
 
 
 _DISTILLATION_NEEDS = (
@@ -169,14 +169,8 @@ class DecayLoraModel(BaseTuner):
         steps = {layer.get_step(adapter_name) for layer in layers}
         if len(steps) != 1:
             raise RuntimeError(f"The layers of adapter {adapter_name!r} are at different steps: {sorted(steps)}.")
-        layer, config = layers[0], self.peft_config[adapter_name]
-        d = layer.decay_factor(adapter_name)
-        return {
-            "step": steps.pop(),
-            "decay_factor": d,
-            "noise_active": layer.noise_active(adapter_name),
-            "noise_scale": noise_scale(d, config.noise, config.noise_threshold),
-        }
+        d, scale = layers[0].schedule_point(adapter_name)
+        return {"step": steps.pop(), "decay_factor": d, "noise_active": scale > 0.0, "noise_scale": scale}
 
     # -------------------------------------------------------------------------------------------- distillation
     def _distillation_weight(self, module: nn.Module, kwargs: dict) -> float:
@@ -222,19 +216,17 @@ class DecayLoraModel(BaseTuner):
     @contextmanager
     def _pretrained_network(self):
         """Run the pretrained network: every DecayLoRA layer computes ``W x + b`` and the model is in eval mode."""
-        layers, modes = self._decaylora_layers(), [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
+        layers = self._decaylora_layers()
         self._teaching = True
         for layer in layers:
             layer._as_pretrained = True
         try:
-            yield
+            with eval_mode(self.model):
+                yield
         finally:
             self._teaching = False
             for layer in layers:
                 layer._as_pretrained = False
-            for module, training in modes:
-                module.training = training
 
     # ------------------------------------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -286,6 +278,18 @@ class DecayLoraModel(BaseTuner):
         from .compression import compress_and_unload
 
         return compress_and_unload(self, adapter_name=adapter_name, progressbar=progressbar)
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` for the duration, then every module back in its own mode (they may differ)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def hidden_state_distillation_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback
 
 from .layer import DecayLoraLayer
-from .schedule import is_resolvable, noise_scale, schedule_bounds
+from .schedule import is_resolvable, schedule_bounds
 
 LOG_KEYS = ("decay_factor", "noise_scale")
 
@@ -102,9 +102,8 @@ def _set_step(targets, step: int) -> None:
 
 def _schedule_logs(targets) -> dict[str, float]:
     layer, name = targets[0]
-    config = layer.decaylora_config[name]
-    d = layer.decay_factor(name)
-    return {"decay_factor": d, "noise_scale": noise_scale(d, config.noise, config.noise_threshold)}
+    d, scale = layer.schedule_point(name)
+    return {"decay_factor": d, "noise_scale": scale}
 
 
 def _check_resolvable(targets, what: str) -> None:
