@@ -8,11 +8,10 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
 - ``svd``: every adapted Linear replaced by its truncated SVD of rank r (``Linear(in, r)`` then ``Linear(r, out)``,
   the same parameter count as compressed DecayLoRA), then trained with the classifier.
-- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd|-kdu][-ln]``: DecayLoRA with that noise schedule;
+- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]``: DecayLoRA with that noise schedule;
   ``-noC`` turns off the compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines
   that split with ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
-  ``distillation="hidden_states"`` with ``--kd-weight`` (``-kdu``: with ``distillation_teacher="undecayed"``),
-  ``-ln`` trains the LayerNorms too (``modules_to_save``).
+  ``distillation="hidden_states"`` with ``--kd-weight``, ``-ln`` trains the LayerNorms too (``modules_to_save``).
   ``decay-off-svd-kd`` is the library's default.
   Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
   mean, so it is merged instead.
@@ -52,8 +51,8 @@ import peft_decaylora  # noqa: F401
 from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_tomatoes, markdown_table, write_section
 
 METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
-           "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-kdu",
-           "decay-off-svd-cal-kd", "decay-vanish-svd-kd"]
+           "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
+           "decay-vanish-svd-kd"]
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
@@ -124,8 +123,7 @@ def build(spec: dict, base, total_steps: int):
         common["modules_to_save"] = ["classifier", "LayerNorm"]
     config = DecayLoraConfig(
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
-        distillation="hidden_states" if distils(method) else "off", distillation_weight=spec["kd_weight"],
-        distillation_teacher="undecayed" if "kdu" in flags else "pretrained",
+        distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
         decay_end=spec["decay_end"], decay_shape=spec.get("decay_shape", "linear"), total_steps=total_steps, **common,
     )
     return get_peft_model(model, config)
@@ -183,7 +181,7 @@ def label(row: dict) -> str:
     """The table row a result belongs to: the method, plus its learning rate and any non-default knob."""
     parts = [row["method"], f"lr {row['lr']:g}"]
     if row["method"].startswith("decay"):
-        if distils(row["method"]):
+        if "kd" in row["method"].split("-"):
             parts.append(f"kd {row['kd_weight']:g}")
         if row["decay_end"] != DEFAULT_DECAY_END:
             parts.append(f"decay_end {row['decay_end']:g}")
@@ -227,10 +225,6 @@ COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 
 DEFAULT_DECAY_END = 0.9
 
 
-def distils(method: str) -> bool:
-    return bool({"kd", "kdu"} & set(method.split("-")))
-
-
 def _worker(job):
     spec, args = job
     return run(spec, args, *_model_and_tokenizer(args.model, args.threads))
@@ -251,7 +245,7 @@ def floats(text: str) -> list[float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd|-kdu][-ln] (see above)")
+                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln] (see above)")
     parser.add_argument("--ranks", default="128,64,32", help="about 2x, 4x and 8x compression of the adapted layers")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-size", type=int, default=None, help="subset of the 10,752 training snippets")
@@ -280,16 +274,16 @@ def main():
     methods, ranks = args.methods.split(","), [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
-        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kdu?)?(-ln)?", m)]
+        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?(-ln)?", m)]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from full, lora, svd, "
-                     "decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd|-kdu][-ln]")
+                     "decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]")
     setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = []
     for seed in seeds:
         for method in methods:
             lrs = floats(args.lr_full if method == "full" else args.lr_svd if method == "svd" else args.lr)
-            kd_weights = floats(args.kd_weight) if distils(method) else [float(args.kd_weight.split(",")[0])]
+            kd_weights = floats(args.kd_weight) if "kd" in method.split("-") else [float(args.kd_weight.split(",")[0])]
             decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
             attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
             shapes = args.decay_shape.split(",") if method.startswith("decay") else ["linear"]
@@ -336,7 +330,7 @@ def run_key(run: dict) -> tuple:
     """What identifies a run: the distillation weight only for -kd methods; the schedule and the attention rank ratio
     only for DecayLoRA."""
     method, decay = run["method"], run["method"].startswith("decay")
-    return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if distils(method) else None,
+    return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if "kd" in method.split("-") else None,
             run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None,
             run.get("decay_shape", "linear") if decay else None)
 

@@ -16,7 +16,6 @@ NOISE_MODES = ("vanish", "keep", "off")
 DECAY_SHAPES = ("linear", "cosine")
 NOISE_STATS = ("tensor", "channel")
 DISTILLATION = ("auto", "hidden_states", "off")
-DISTILLATION_TEACHERS = ("pretrained", "undecayed")
 
 
 @dataclass
@@ -84,10 +83,6 @@ class DecayLoraConfig(PeftConfig):
             (default): "hidden_states" for a transformers model called with ``labels``, no teacher otherwise (plain
             modules, calls without labels). "off": no teacher.
         distillation_weight (`float`): Weight of the distillation term, >= 0 (default 3).
-        distillation_teacher (`str`): The network whose hidden states are distilled. "pretrained" (default): the
-            model with the adapters bypassed, i.e. the pretrained ``W x + b`` in every adapted layer. "undecayed": the
-            adapted network as if the decay had not started (``W x + b + s B A x + C``, no noise), so the teacher
-            learns the task with the adapter and the distillation asks the decayed layers to keep what ``W`` adds.
         modules_to_save (`Optional[list[str]]`): Modules besides the adapters to train and save (e.g. a classifier).
     """
 
@@ -163,11 +158,6 @@ class DecayLoraConfig(PeftConfig):
                   "so for transformers models called with labels."},
     )
     distillation_weight: float = field(default=3.0, metadata={"help": "Weight of the distillation loss, >= 0."})
-    distillation_teacher: Literal["pretrained", "undecayed"] = field(
-        default="pretrained",
-        metadata={"help": "Teacher of the distillation: 'pretrained' (the adapters bypassed) or 'undecayed' (the "
-                  "adapted network with d = 1)."},
-    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}
     )
@@ -214,7 +204,6 @@ class DecayLoraConfig(PeftConfig):
             raise ValueError(f"`init_weights` must be True, False or 'svd', got {self.init_weights!r}.")
         _check_choice("distillation", self.distillation, DISTILLATION)
         _check_range("distillation_weight", self.distillation_weight, 0.0, float("inf"))
-        _check_choice("distillation_teacher", self.distillation_teacher, DISTILLATION_TEACHERS)
         for name in ("bias_compensation", "detect_fused_layouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

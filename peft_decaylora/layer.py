@@ -248,9 +248,8 @@ class DecayLoraLayer(BaseTunerLayer):
         # initialisation, so not saved) is kept to give back W: for the pretrained output and on unload.
         self.decaylora_top_left = BufferDict({}, persistent=False)
         self.decaylora_top_right = BufferDict({}, persistent=False)
-        # Set by DecayLoraModel while it runs a distillation teacher: "pretrained" (``W x + b``) or "undecayed"
-        # (the adapted layer at d = 1, without noise).
-        self._teacher = None
+        # Set by DecayLoraModel while it runs the pretrained network as a distillation teacher.
+        self._as_pretrained = False
         self.fused_layout: dict[str, dict] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -489,7 +488,7 @@ class DecayLoraLayer(BaseTunerLayer):
         """The frozen part ``d (W x + b) + N x`` as ``(output, factor)``, to be added as ``factor * output`` (the
         scaling by d rides on that addition); ``output`` is None when the part is exactly zero (d = 0, no noise)."""
         base = self.get_base_layer()
-        d, noise_std_scale = (1.0, 0.0) if self._teacher == "undecayed" else self.schedule_point(adapter_name)
+        d, noise_std_scale = self.schedule_point(adapter_name)
         if d == 1.0:
             return base(x, *args, **kwargs), 1.0
         decay = self.row_decay(adapter_name, d)
@@ -586,7 +585,7 @@ class DecayLoraLayer(BaseTunerLayer):
         return active[0] if active else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters or self._teacher == "pretrained":
+        if self.disable_adapters or self._as_pretrained:
             if self.merged:
                 self.unmerge()
             return self._pretrained_output(x, *args, **kwargs)

@@ -204,8 +204,7 @@ class DecayLoraModel(BaseTuner):
         if self._teaching or self._pending_distillation is None:
             return None
         (weight, wants_hidden_states), self._pending_distillation = self._pending_distillation, None
-        config = self.peft_config[self.active_adapters[0]]
-        with torch.no_grad(), self._teacher_network(config.distillation_teacher):
+        with torch.no_grad(), self._pretrained_network():
             teacher = module(*args, **kwargs)
         if getattr(outputs, "loss", None) is None or getattr(teacher, "hidden_states", None) is None:
             raise ValueError(_DISTILLATION_NEEDS)
@@ -215,20 +214,19 @@ class DecayLoraModel(BaseTuner):
         return outputs
 
     @contextmanager
-    def _teacher_network(self, teacher: str):
-        """Run the distillation teacher, in eval mode: every DecayLoRA layer computes ``W x + b`` ("pretrained") or
-        ``W x + b + s B A x + C`` ("undecayed": the adapted network as if ``d`` were still 1)."""
+    def _pretrained_network(self):
+        """Run the pretrained network: every DecayLoRA layer computes ``W x + b`` and the model is in eval mode."""
         layers = self._decaylora_layers()
         self._teaching = True
         for layer in layers:
-            layer._teacher = teacher
+            layer._as_pretrained = True
         try:
             with eval_mode(self.model):
                 yield
         finally:
             self._teaching = False
             for layer in layers:
-                layer._teacher = None
+                layer._as_pretrained = False
 
     # ------------------------------------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
