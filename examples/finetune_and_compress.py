@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--distillation-weight", type=float, default=3.0,
                    help="Weight of the hidden-state distillation from the pretrained network (0: none).")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=1.0, help="Training epochs (ignored with --max-steps).")
+    g.add_argument("--epochs", type=float, default=2.0, help="Training epochs (ignored with --max-steps).")
     g.add_argument("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
     g.add_argument("--lr", type=float, default=5e-4, help="Peak learning rate (linear warm-up 6%%, then linear decay).")
     g.add_argument("--batch-size", type=int, default=32, help="Training batch size.")
