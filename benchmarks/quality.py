@@ -248,7 +248,7 @@ def floats(text: str) -> list[float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln] (see above)")
+                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool] (see above)")
     parser.add_argument("--ranks", default="128,64,32", help="about 2x, 4x and 8x compression of the adapted layers")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-size", type=int, default=None, help="subset of the 10,752 training snippets")
@@ -277,10 +277,10 @@ def main():
     methods, ranks = args.methods.split(","), [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
-        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?(-ln)?", m)]
+        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?(-ln)?(-pool)?", m)]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from full, lora, svd, "
-                     "decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln]")
+                     "decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool]")
     setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = []
     for seed in seeds:
