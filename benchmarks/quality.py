@@ -54,6 +54,7 @@ from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_toma
 METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
            "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
            "decay-vanish-svd-kd"]
+METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool]"
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
@@ -248,7 +249,7 @@ def floats(text: str) -> list[float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool] (see above)")
+                        help=f"{METHOD_FORMS} (see above)")
     parser.add_argument("--ranks", default="128,64,32", help="about 2x, 4x and 8x compression of the adapted layers")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-size", type=int, default=None, help="subset of the 10,752 training snippets")
@@ -279,8 +280,7 @@ def main():
     unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
         r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?(-ln)?(-pool)?", m)]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from full, lora, svd, "
-                     "decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool]")
+        parser.error(f"unknown methods {unknown}; choose from {METHOD_FORMS}")
     setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = []
     for seed in seeds:
