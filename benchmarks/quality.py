@@ -121,10 +121,9 @@ def build(spec: dict, base, total_steps: int):
     if spec.get("attn_ratio", 1.0) != 1.0:
         common.update(attention_rank_split(r, spec["attn_ratio"]))
     _, noise, *flags = method.split("-")
-    if "ln" in flags:  # the LayerNorms train in full too (a few thousand parameters, not compressed)
-        common["modules_to_save"] = common["modules_to_save"] + ["LayerNorm"]
-    if "pool" in flags:  # the pooler (the Linear + tanh before the classifier) trains in full, as in full fine-tuning
-        common["modules_to_save"] = common["modules_to_save"] + ["pooler.dense"]
+    # -ln / -pool: the LayerNorms / the pooler's Linear train in full too, as in full fine-tuning (not compressed)
+    trained_in_full = {"ln": "LayerNorm", "pool": "pooler.dense"}
+    common["modules_to_save"] += [module for flag, module in trained_in_full.items() if flag in flags]
     config = DecayLoraConfig(
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],

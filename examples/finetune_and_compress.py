@@ -35,9 +35,9 @@ Measured with the defaults (torch 2.13 CPU, 2 cores; command 1 of the README in 
   CPU latency / batch of 64                 265 ms                  439 ms      263 ms
   wall time 464 s (training 412 s); the compressed model reloaded from disk gives identical logits.
 With ``--epochs 1`` it reached 0.7975. For reference, full fine-tuning reached 0.8155 in 1 epoch and 0.8273 in 2,
-and LoRA 0.79-0.82 in 1 epoch, on this split (original size). Before the SVD
-initialisation and distillation defaults, this script reached 0.777 on the feed-forward layers alone (r=96, 2
-epochs), and 0.753 with attention added.
+and LoRA 0.79-0.82 in 1 epoch, on this split (original size). Before the SVD initialisation and distillation
+defaults, this script reached 0.777 on the feed-forward layers alone (r=96, 2 epochs), and 0.753 with attention
+added.
 """
 
 from __future__ import annotations
