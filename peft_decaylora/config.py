@@ -16,6 +16,7 @@ NOISE_MODES = ("vanish", "keep", "off")
 DECAY_SHAPES = ("linear", "cosine")
 NOISE_STATS = ("tensor", "channel")
 DISTILLATION = ("auto", "hidden_states", "off")
+DISTILLATION_SCHEDULES = ("constant", "decay")
 
 
 @dataclass
@@ -83,6 +84,9 @@ class DecayLoraConfig(PeftConfig):
             (default): "hidden_states" for a transformers model called with ``labels``, no teacher otherwise (plain
             modules, calls without labels). "off": no teacher.
         distillation_weight (`float`): Weight of the distillation term, >= 0 (default 3).
+        distillation_schedule (`str`): "constant" (default): the weight stays ``distillation_weight`` throughout.
+            "decay": it fades with the frozen weight, ``distillation_weight * d``, so the teacher lets go of the
+            representations as ``W`` leaves them and none pulls back in the cool-down at ``d = 0``.
         modules_to_save (`Optional[list[str]]`): Modules besides the adapters to train and save (e.g. a classifier).
     """
 
@@ -158,6 +162,10 @@ class DecayLoraConfig(PeftConfig):
                   "so for transformers models called with labels."},
     )
     distillation_weight: float = field(default=3.0, metadata={"help": "Weight of the distillation loss, >= 0."})
+    distillation_schedule: Literal["constant", "decay"] = field(
+        default="constant",
+        metadata={"help": "'constant': the distillation weight throughout; 'decay': the weight times d, fading with W."},
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}
     )
@@ -204,6 +212,7 @@ class DecayLoraConfig(PeftConfig):
             raise ValueError(f"`init_weights` must be True, False or 'svd', got {self.init_weights!r}.")
         _check_choice("distillation", self.distillation, DISTILLATION)
         _check_range("distillation_weight", self.distillation_weight, 0.0, float("inf"))
+        _check_choice("distillation_schedule", self.distillation_schedule, DISTILLATION_SCHEDULES)
         for name in ("bias_compensation", "detect_fused_layouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

@@ -185,9 +185,11 @@ class DecayLoraModel(BaseTuner):
             return 0.0
         if not usable:
             raise ValueError(_DISTILLATION_NEEDS)
-        layers = self._decaylora_layers()
+        layers = [layer for layer in self._decaylora_layers() if self.active_adapters[0] in layer.decaylora_step]
         if not layers or layers[0].disable_adapters or layers[0].merged:
             return 0.0
+        if config.distillation_schedule == "decay":
+            return float(config.distillation_weight) * layers[0].decay_factor(self.active_adapters[0])
         return float(config.distillation_weight)
 
     def _request_hidden_states(self, module, args, kwargs):

@@ -124,9 +124,12 @@ def test_hidden_state_distillation_adds_the_teacher_term():
         plain = model(input_ids=tokens, labels=labels, output_hidden_states=True)
         model.base_model.peft_config["default"].distillation = "hidden_states"
         distilled = model(input_ids=tokens, labels=labels)
+        model.base_model.peft_config["default"].distillation_schedule = "decay"
+        faded = model(input_ids=tokens, labels=labels)
     term = hidden_state_distillation_loss(plain.hidden_states, teacher)
     assert term > 1e-3
     torch.testing.assert_close(distilled.loss, plain.loss + 2.0 * term)
+    torch.testing.assert_close(faded.loss, plain.loss + 2.0 * 0.375 * term)  # the weight fades with d
     assert distilled.hidden_states is None  # not asked for, not returned
     model.eval()  # no teacher outside training
     assert torch.equal(model(input_ids=tokens, labels=labels).loss, model(input_ids=tokens, labels=labels).loss)
@@ -153,7 +156,8 @@ def test_distillation_hooks_leave_with_the_adapter():
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"init_weights": "pissa"}, "init_weights"), ({"distillation": "logits"}, "distillation"),
-     ({"distillation_weight": -1.0}, "distillation_weight"), ({"distillation_weight": True}, "distillation_weight")],
+     ({"distillation_weight": -1.0}, "distillation_weight"), ({"distillation_weight": True}, "distillation_weight"),
+     ({"distillation_schedule": "cosine"}, "distillation_schedule")],
 )
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
