@@ -307,8 +307,8 @@ def main():
             decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
             attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
             shapes = args.decay_shape.split(",") if method.startswith("decay") else ["linear"]
-            head_lrs = [None if value == "default" else float(value) for value in args.lr_head.split(",")]
-            head_lrs = [None] if method in ("full", "svd") else head_lrs
+            head_lrs = [None] if method in ("full", "svd") else [
+                None if value == "default" else float(value) for value in args.lr_head.split(",")]
             for r, lr, lr_head, kd_weight, decay_end, attn_ratio, shape in itertools.product(
                     [0] if method == "full" else ranks, lrs, head_lrs, kd_weights, decay_ends, attn_ratios, shapes):
                 jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "lr_head": lr_head,
@@ -350,10 +350,11 @@ def main():
 
 
 def run_key(run: dict) -> tuple:
-    """What identifies a run: the distillation weight only for -kd methods; the schedule and the attention rank ratio
-    only for DecayLoRA."""
+    """What identifies a run: the head's learning rate where set; the distillation weight only for -kd methods; the
+    schedule and the attention rank ratio only for DecayLoRA."""
     method, decay = run["method"], run["method"].startswith("decay")
-    return (method, run["r"], run["seed"], run["lr"], run.get("lr_head"), run["kd_weight"] if "kd" in method.split("-") else None,
+    return (method, run["r"], run["seed"], run["lr"], run.get("lr_head"),
+            run["kd_weight"] if "kd" in method.split("-") else None,
             run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None,
             run.get("decay_shape", "linear") if decay else None)
 

@@ -185,12 +185,12 @@ class DecayLoraModel(BaseTuner):
             return 0.0
         if not usable:
             raise ValueError(_DISTILLATION_NEEDS)
-        layers = [layer for layer in self._decaylora_layers() if self.active_adapters[0] in layer.decaylora_step]
+        adapter = self.active_adapters[0]
+        layers = [layer for layer in self._decaylora_layers() if adapter in layer.decaylora_step]
         if not layers or layers[0].disable_adapters or layers[0].merged:
             return 0.0
-        if config.distillation_schedule == "decay":
-            return float(config.distillation_weight) * layers[0].decay_factor(self.active_adapters[0])
-        return float(config.distillation_weight)
+        fade = layers[0].decay_factor(adapter) if config.distillation_schedule == "decay" else 1.0
+        return float(config.distillation_weight) * fade
 
     def _request_hidden_states(self, module, args, kwargs):
         if self._teaching:
