@@ -57,6 +57,8 @@ METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "de
            "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
            "decay-vanish-svd-kd"]
 METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd[-fade]][-ln][-pool]"
+# METHOD_FORMS as a regex: a new method flag goes into both
+METHOD_PATTERN = r"full|lora|svd|decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd(-fade)?)?(-ln)?(-pool)?"
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
@@ -294,8 +296,7 @@ def main():
     args = parser.parse_args()
     methods, ranks = args.methods.split(","), [int(r) for r in args.ranks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    unknown = [m for m in methods if m not in ("full", "lora", "svd") and not re.fullmatch(
-        r"decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd(-fade)?)?(-ln)?(-pool)?", m)]
+    unknown = [m for m in methods if not re.fullmatch(METHOD_PATTERN, m)]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHOD_FORMS}")
     setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
