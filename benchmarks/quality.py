@@ -56,9 +56,9 @@ from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_toma
 METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
            "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
            "decay-vanish-svd-kd"]
-METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd[-fade]][-ln][-pool]"
+METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd[-fade][-snap[-logit]]][-ln][-pool]"
 # METHOD_FORMS as a regex: a new method flag goes into both
-METHOD_PATTERN = r"full|lora|svd|decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd(-fade)?)?(-ln)?(-pool)?"
+METHOD_PATTERN = r"full|lora|svd|decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd(-fade)?(-snap(-logit)?)?)?(-ln)?(-pool)?"
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
@@ -132,7 +132,10 @@ def build(spec: dict, base, total_steps: int):
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
         distillation_schedule="decay" if "fade" in flags else "constant",
-        decay_end=spec["decay_end"], decay_shape=spec.get("decay_shape", "linear"), total_steps=total_steps, **common,
+        distillation_teacher="snapshot" if "snap" in flags else "pretrained",
+        distillation_logit_weight=1.0 if "logit" in flags else 0.0,
+        decay_start=spec.get("decay_start", DEFAULT_DECAY_START), decay_end=spec["decay_end"],
+        decay_shape=spec.get("decay_shape", "linear"), total_steps=total_steps, **common,
     )
     return get_peft_model(model, config)
 
@@ -204,6 +207,8 @@ def label(row: dict) -> str:
     if row["method"].startswith("decay"):
         if "kd" in row["method"].split("-"):
             parts.append(f"kd {row['kd_weight']:g}")
+        if row.get("decay_start", DEFAULT_DECAY_START) != DEFAULT_DECAY_START:
+            parts.append(f"decay_start {row['decay_start']:g}")
         if row["decay_end"] != DEFAULT_DECAY_END:
             parts.append(f"decay_end {row['decay_end']:g}")
         if row.get("decay_shape", "linear") != "linear":
@@ -243,7 +248,7 @@ def summarize(results: list[dict], ranks: list[int]) -> str:
 # adapted-layer parameters of MiniLM's encoder Linears (6 x (4 x 384x384 + 2 x 384x1536), with biases) over the
 # low-rank factors r * (in + out) + out
 COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384)) / (6 * (4 * (r * 768 + 384) + (r * 1920 + 1536) + (r * 1920 + 384))):.1f}x" for r in (256, 192, 128, 96, 64, 48, 32, 24, 16)}
-DEFAULT_DECAY_END = 0.9
+DEFAULT_DECAY_START, DEFAULT_DECAY_END = 0.1, 0.9
 
 
 def _worker(job):
@@ -278,6 +283,7 @@ def main():
     parser.add_argument("--lr-head", default="default", help="learning rate(s) of the classifier head of LoRA and "
                         "DecayLoRA; 'default': the rate of the rest")
     parser.add_argument("--kd-weight", default="1.0", help="distillation_weight(s) of the -kd methods")
+    parser.add_argument("--decay-start", default=str(DEFAULT_DECAY_START), help="decay_start value(s) of DecayLoRA")
     parser.add_argument("--decay-end", default=str(DEFAULT_DECAY_END), help="decay_end value(s) of DecayLoRA")
     parser.add_argument("--decay-shape", default="linear", help="decay_shape value(s) of DecayLoRA")
     parser.add_argument("--attn-ratio", default="1", help="DecayLoRA's attention rank as a multiple of r, the "
@@ -305,16 +311,18 @@ def main():
         for method in methods:
             lrs = floats(args.lr_full if method == "full" else args.lr_svd if method == "svd" else args.lr)
             kd_weights = floats(args.kd_weight) if "kd" in method.split("-") else [float(args.kd_weight.split(",")[0])]
+            decay_starts = floats(args.decay_start) if method.startswith("decay") else [DEFAULT_DECAY_START]
             decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
             attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
             shapes = args.decay_shape.split(",") if method.startswith("decay") else ["linear"]
             head_lrs = [None] if method in ("full", "svd") else [
                 None if value == "default" else float(value) for value in args.lr_head.split(",")]
-            for r, lr, lr_head, kd_weight, decay_end, attn_ratio, shape in itertools.product(
-                    [0] if method == "full" else ranks, lrs, head_lrs, kd_weights, decay_ends, attn_ratios, shapes):
+            for r, lr, lr_head, kd_weight, decay_start, decay_end, attn_ratio, shape in itertools.product(
+                    [0] if method == "full" else ranks, lrs, head_lrs, kd_weights, decay_starts, decay_ends,
+                    attn_ratios, shapes):
                 jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "lr_head": lr_head,
-                             "kd_weight": kd_weight, "decay_end": decay_end, "attn_ratio": attn_ratio,
-                             "decay_shape": shape, **setting})
+                             "kd_weight": kd_weight, "decay_start": decay_start, "decay_end": decay_end,
+                             "attn_ratio": attn_ratio, "decay_shape": shape, **setting})
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -356,7 +364,8 @@ def run_key(run: dict) -> tuple:
     method, decay = run["method"], run["method"].startswith("decay")
     return (method, run["r"], run["seed"], run["lr"], run.get("lr_head"),
             run["kd_weight"] if "kd" in method.split("-") else None,
-            run["decay_end"] if decay else None, run.get("attn_ratio", 1.0) if decay else None,
+            run.get("decay_start", DEFAULT_DECAY_START) if decay else None, run["decay_end"] if decay else None,
+            run.get("attn_ratio", 1.0) if decay else None,
             run.get("decay_shape", "linear") if decay else None)
 
 
