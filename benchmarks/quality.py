@@ -21,7 +21,7 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x; ``--attn-ratio``
 moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count, and ``--lr-head``
 gives the classifier head of LoRA and DecayLoRA its own learning rate. ``--lr``, ``--lr-svd``, ``--lr-head``,
-``--kd-weight``, ``--decay-end``, ``--decay-shape`` and ``--attn-ratio`` take comma-separated lists
+``--kd-weight``, ``--decay-start``, ``--decay-end``, ``--decay-shape`` and ``--attn-ratio`` take comma-separated lists
 (every combination runs). Each cell is
 the mean and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run
 again; ``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
@@ -56,9 +56,9 @@ from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_toma
 METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
            "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
            "decay-vanish-svd-kd"]
-METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd[-fade][-snap[-logit]]][-ln][-pool]"
+METHOD_FORMS = "full, lora, svd, decay-<off|vanish|keep>[-noC][-svd[-cal]][-kd[-fade]][-ln][-pool]"
 # METHOD_FORMS as a regex: a new method flag goes into both
-METHOD_PATTERN = r"full|lora|svd|decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd(-fade)?(-snap(-logit)?)?)?(-ln)?(-pool)?"
+METHOD_PATTERN = r"full|lora|svd|decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-kd(-fade)?)?(-ln)?(-pool)?"
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
@@ -132,8 +132,6 @@ def build(spec: dict, base, total_steps: int):
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
         distillation_schedule="decay" if "fade" in flags else "constant",
-        distillation_teacher="snapshot" if "snap" in flags else "pretrained",
-        distillation_logit_weight=1.0 if "logit" in flags else 0.0,
         decay_start=spec.get("decay_start", DEFAULT_DECAY_START), decay_end=spec["decay_end"],
         decay_shape=spec.get("decay_shape", "linear"), total_steps=total_steps, **common,
     )

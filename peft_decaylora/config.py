@@ -17,7 +17,6 @@ DECAY_SHAPES = ("linear", "cosine")
 NOISE_STATS = ("tensor", "channel")
 DISTILLATION = ("auto", "hidden_states", "off")
 DISTILLATION_SCHEDULES = ("constant", "decay")
-DISTILLATION_TEACHERS = ("pretrained", "snapshot")
 
 
 @dataclass
@@ -167,14 +166,6 @@ class DecayLoraConfig(PeftConfig):
         default="constant",
         metadata={"help": "'constant': the distillation weight throughout; 'decay': the weight times d, fading with W."},
     )
-    distillation_teacher: Literal["pretrained", "snapshot"] = field(
-        default="pretrained",
-        metadata={"help": "'pretrained': the network with the adapters bypassed; 'snapshot': from decay_start on, the "
-                  "adapted network as it was at decay_start, with d = 1."},
-    )
-    distillation_logit_weight: float = field(
-        default=0.0, metadata={"help": "With the snapshot teacher, weight of the KL divergence of the logits, >= 0."}
-    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}
     )
@@ -222,8 +213,6 @@ class DecayLoraConfig(PeftConfig):
         _check_choice("distillation", self.distillation, DISTILLATION)
         _check_range("distillation_weight", self.distillation_weight, 0.0, float("inf"))
         _check_choice("distillation_schedule", self.distillation_schedule, DISTILLATION_SCHEDULES)
-        _check_choice("distillation_teacher", self.distillation_teacher, DISTILLATION_TEACHERS)
-        _check_range("distillation_logit_weight", self.distillation_logit_weight, 0.0, float("inf"))
         for name in ("bias_compensation", "detect_fused_layouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

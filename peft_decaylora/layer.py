@@ -250,8 +250,6 @@ class DecayLoraLayer(BaseTunerLayer):
         self.decaylora_top_right = BufferDict({}, persistent=False)
         # Set by DecayLoraModel while it runs the pretrained network as a distillation teacher.
         self._as_pretrained = False
-        # Set by DecayLoraModel while it runs the adapted network at d = 1 (the snapshot teacher).
-        self._at_full_weight = False
         self.fused_layout: dict[str, dict] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -490,7 +488,7 @@ class DecayLoraLayer(BaseTunerLayer):
         """The frozen part ``d (W x + b) + N x`` as ``(output, factor)``, to be added as ``factor * output`` (the
         scaling by d rides on that addition); ``output`` is None when the part is exactly zero (d = 0, no noise)."""
         base = self.get_base_layer()
-        d, noise_std_scale = (1.0, 0.0) if self._at_full_weight else self.schedule_point(adapter_name)
+        d, noise_std_scale = self.schedule_point(adapter_name)
         if d == 1.0:
             return base(x, *args, **kwargs), 1.0
         decay = self.row_decay(adapter_name, d)

@@ -49,8 +49,6 @@ class DecayLoraModel(BaseTuner):
         self._teaching = False
         # (weight, whether the caller asked for hidden states) of the forward in flight, set by the pre-hook
         self._pending_distillation = None
-        # trainable parameters of the wrapped model at decay_start: the weights of the snapshot teacher
-        self._snapshot = None
         self._distillation_hooks = (
             self.model.register_forward_pre_hook(self._request_hidden_states, with_kwargs=True),
             self.model.register_forward_hook(self._add_distillation_loss, with_kwargs=True),
@@ -208,63 +206,29 @@ class DecayLoraModel(BaseTuner):
         if self._teaching or self._pending_distillation is None:
             return None
         (weight, wants_hidden_states), self._pending_distillation = self._pending_distillation, None
-        config = self.peft_config[self.active_adapters[0]]
-        snapshot = self._teacher_snapshot(module) if config.distillation_teacher == "snapshot" else None
-        with torch.no_grad():
-            if snapshot is None:
-                with self._pretrained_network():
-                    teacher = module(*args, **kwargs)
-            else:
-                with self._network_at_full_weight():
-                    teacher = torch.func.functional_call(module, snapshot, args, kwargs)
+        with torch.no_grad(), self._pretrained_network():
+            teacher = module(*args, **kwargs)
         if getattr(outputs, "loss", None) is None or getattr(teacher, "hidden_states", None) is None:
             raise ValueError(_DISTILLATION_NEEDS)
-        loss = weight * hidden_state_distillation_loss(outputs.hidden_states, teacher.hidden_states)
-        if snapshot is not None and config.distillation_logit_weight:
-            loss = loss + config.distillation_logit_weight * logit_distillation_loss(outputs.logits, teacher.logits)
-        outputs.loss = outputs.loss + loss
+        outputs.loss = outputs.loss + weight * hidden_state_distillation_loss(outputs.hidden_states, teacher.hidden_states)
         if not wants_hidden_states:
             outputs.hidden_states = None
         return outputs
 
-    def _teacher_snapshot(self, module: nn.Module) -> Optional[dict]:
-        """The trainable parameters as they were at decay_start (taken at the first forward there), or None before."""
-        adapter = self.active_adapters[0]
-        layer = next(layer for layer in self._decaylora_layers() if adapter in layer.decaylora_step)
-        config = layer.decaylora_config[adapter]
-        start, _ = schedule_bounds(config.total_steps, config.decay_start, config.decay_end)
-        if layer.get_step(adapter) < start:
-            self._snapshot = None
-        elif self._snapshot is None:
-            self._snapshot = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
-        return self._snapshot
-
     @contextmanager
     def _pretrained_network(self):
         """Run the pretrained network: every DecayLoRA layer computes ``W x + b`` and the model is in eval mode."""
-        with self._teacher_network("_as_pretrained"):
-            yield
-
-    @contextmanager
-    def _network_at_full_weight(self):
-        """Run the adapted network with ``d = 1`` and no noise in every layer, in eval mode."""
-        with self._teacher_network("_at_full_weight"):
-            yield
-
-    @contextmanager
-    def _teacher_network(self, layer_flag: str):
-        """Set ``layer_flag`` on every DecayLoRA layer and the model to eval mode, without distillation hooks."""
         layers = self._decaylora_layers()
         self._teaching = True
         for layer in layers:
-            setattr(layer, layer_flag, True)
+            layer._as_pretrained = True
         try:
             with eval_mode(self.model):
                 yield
         finally:
             self._teaching = False
             for layer in layers:
-                setattr(layer, layer_flag, False)
+                layer._as_pretrained = False
 
     # ------------------------------------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -336,15 +300,6 @@ def hidden_state_distillation_loss(student: tuple[torch.Tensor, ...], teacher: t
         (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in zip(student[1:], teacher[1:])
     ]
     return torch.stack(losses).mean()
-
-
-def logit_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, the mean over the batch (Hinton et al.)."""
-    log_student = torch.log_softmax(student.float() / temperature, dim=-1)
-    log_teacher = torch.log_softmax(teacher.float() / temperature, dim=-1)
-    kl = torch.nn.functional.kl_div(log_student.flatten(0, -2), log_teacher.flatten(0, -2), log_target=True,
-                                    reduction="batchmean")
-    return kl * temperature**2
 
 
 def _adaptable(module: nn.Module) -> bool:
