@@ -21,10 +21,10 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x; ``--attn-ratio``
 moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count, and ``--lr-head``
 gives the classifier head of LoRA and DecayLoRA its own learning rate. ``--lr``, ``--lr-svd``, ``--lr-head``,
-``--kd-weight``, ``--decay-start``, ``--decay-end``, ``--decay-shape`` and ``--attn-ratio`` take comma-separated lists
-(every combination runs). Each cell is
-the mean and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run
-again; ``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
+``--kd-weight`` and DecayLoRA's ``--decay-start``, ``--decay-end``, ``--decay-shape``, ``--noise-threshold``,
+``--noise-stats`` and ``--attn-ratio`` take comma-separated lists (every combination runs). Each cell is the mean
+and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run again;
+``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
 "quality" section of BENCHMARKS.md ("quality-2-epochs" with ``--epochs 2``, and so on).
 
     python benchmarks/quality.py --methods full,svd,decay-off-svd-kd --lr 5e-4 --lr-svd 1e-4   # hours on 2 CPU cores
@@ -122,8 +122,10 @@ def build(spec: dict, base, total_steps: int):
     common = dict(r=r, lora_alpha=r, target_modules=ENCODER_LINEAR, modules_to_save=["classifier"], task_type="SEQ_CLS")
     if method == "lora":
         return get_peft_model(model, LoraConfig(**common))
-    if spec.get("attn_ratio", 1.0) != 1.0:
-        common.update(attention_rank_split(r, spec["attn_ratio"]))
+    knobs = decay_knobs(spec)
+    attn_ratio = knobs.pop("attn_ratio")
+    if attn_ratio != 1.0:
+        common.update(attention_rank_split(r, attn_ratio))
     _, noise, *flags = method.split("-")
     # -ln / -pool: the LayerNorms / the pooler's Linear train in full too, as in full fine-tuning (not compressed)
     trained_in_full = {"ln": "LayerNorm", "pool": "pooler.dense"}
@@ -132,8 +134,7 @@ def build(spec: dict, base, total_steps: int):
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
         distillation_schedule="decay" if "fade" in flags else "constant",
-        decay_start=spec.get("decay_start", DEFAULT_DECAY_START), decay_end=spec["decay_end"],
-        decay_shape=spec.get("decay_shape", "linear"), total_steps=total_steps, **common,
+        total_steps=total_steps, **knobs, **common,
     )
     return get_peft_model(model, config)
 
@@ -205,14 +206,8 @@ def label(row: dict) -> str:
     if row["method"].startswith("decay"):
         if "kd" in row["method"].split("-"):
             parts.append(f"kd {row['kd_weight']:g}")
-        if row.get("decay_start", DEFAULT_DECAY_START) != DEFAULT_DECAY_START:
-            parts.append(f"decay_start {row['decay_start']:g}")
-        if row["decay_end"] != DEFAULT_DECAY_END:
-            parts.append(f"decay_end {row['decay_end']:g}")
-        if row.get("decay_shape", "linear") != "linear":
-            parts.append(f"{row['decay_shape']} decay")
-        if row.get("attn_ratio", 1.0) != 1.0:
-            parts.append(f"attention rank {row['attn_ratio']:g}r")
+        parts += [f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+                  for name, value in decay_knobs(row).items() if value != DECAY_KNOBS[name][0]]
     return ", ".join(parts)
 
 
@@ -246,7 +241,17 @@ def summarize(results: list[dict], ranks: list[int]) -> str:
 # adapted-layer parameters of MiniLM's encoder Linears (6 x (4 x 384x384 + 2 x 384x1536), with biases) over the
 # low-rank factors r * (in + out) + out
 COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384)) / (6 * (4 * (r * 768 + 384) + (r * 1920 + 1536) + (r * 1920 + 384))):.1f}x" for r in (256, 192, 128, 96, 64, 48, 32, 24, 16)}
-DEFAULT_DECAY_START, DEFAULT_DECAY_END = 0.1, 0.9
+# DecayLoRA's benchmark knobs: spec key -> (default, type); each has a --flag (decay_start: --decay-start) that takes
+# a comma-separated list. attn_ratio is quality.py's own (see attention_rank_split); the others are config fields.
+DECAY_KNOBS = {"decay_start": (0.1, float), "decay_end": (0.9, float), "decay_shape": ("linear", str),
+               "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float)}
+KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the feed-forward rank taking the rest of "
+             "the same parameter budget"}
+
+
+def decay_knobs(row: dict) -> dict:
+    """The row's value of every DecayLoRA knob; runs from before a knob existed ran at its default."""
+    return {name: row.get(name, default) for name, (default, _) in DECAY_KNOBS.items()}
 
 
 def _worker(job):
@@ -281,11 +286,9 @@ def main():
     parser.add_argument("--lr-head", default="default", help="learning rate(s) of the classifier head of LoRA and "
                         "DecayLoRA; 'default': the rate of the rest")
     parser.add_argument("--kd-weight", default="1.0", help="distillation_weight(s) of the -kd methods")
-    parser.add_argument("--decay-start", default=str(DEFAULT_DECAY_START), help="decay_start value(s) of DecayLoRA")
-    parser.add_argument("--decay-end", default=str(DEFAULT_DECAY_END), help="decay_end value(s) of DecayLoRA")
-    parser.add_argument("--decay-shape", default="linear", help="decay_shape value(s) of DecayLoRA")
-    parser.add_argument("--attn-ratio", default="1", help="DecayLoRA's attention rank as a multiple of r, the "
-                        "feed-forward rank taking the rest of the same parameter budget (value(s))")
+    for name, (default, _) in DECAY_KNOBS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=str(default),
+                            help=f"{KNOB_HELP.get(name, name)} value(s) of DecayLoRA")
     parser.add_argument("--calibration-batches", type=int, default=32, help="training batches for -cal")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="a Hub name or local path instead of the packaged MiniLM")
@@ -309,18 +312,14 @@ def main():
         for method in methods:
             lrs = floats(args.lr_full if method == "full" else args.lr_svd if method == "svd" else args.lr)
             kd_weights = floats(args.kd_weight) if "kd" in method.split("-") else [float(args.kd_weight.split(",")[0])]
-            decay_starts = floats(args.decay_start) if method.startswith("decay") else [DEFAULT_DECAY_START]
-            decay_ends = floats(args.decay_end) if method.startswith("decay") else [DEFAULT_DECAY_END]
-            attn_ratios = floats(args.attn_ratio) if method.startswith("decay") else [1.0]
-            shapes = args.decay_shape.split(",") if method.startswith("decay") else ["linear"]
+            knob_values = [[kind(value) for value in getattr(args, name).split(",")] if method.startswith("decay")
+                           else [default] for name, (default, kind) in DECAY_KNOBS.items()]
             head_lrs = [None] if method in ("full", "svd") else [
                 None if value == "default" else float(value) for value in args.lr_head.split(",")]
-            for r, lr, lr_head, kd_weight, decay_start, decay_end, attn_ratio, shape in itertools.product(
-                    [0] if method == "full" else ranks, lrs, head_lrs, kd_weights, decay_starts, decay_ends,
-                    attn_ratios, shapes):
+            for r, lr, lr_head, kd_weight, *knobs in itertools.product(
+                    [0] if method == "full" else ranks, lrs, head_lrs, kd_weights, *knob_values):
                 jobs.append({"method": method, "r": r, "seed": seed, "lr": lr, "lr_head": lr_head,
-                             "kd_weight": kd_weight, "decay_start": decay_start, "decay_end": decay_end,
-                             "attn_ratio": attn_ratio, "decay_shape": shape, **setting})
+                             "kd_weight": kd_weight, **dict(zip(DECAY_KNOBS, knobs)), **setting})
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -358,13 +357,11 @@ def main():
 
 def run_key(run: dict) -> tuple:
     """What identifies a run: the head's learning rate where set; the distillation weight only for -kd methods; the
-    schedule and the attention rank ratio only for DecayLoRA."""
+    DecayLoRA knobs only for DecayLoRA."""
     method, decay = run["method"], run["method"].startswith("decay")
     return (method, run["r"], run["seed"], run["lr"], run.get("lr_head"),
             run["kd_weight"] if "kd" in method.split("-") else None,
-            run.get("decay_start", DEFAULT_DECAY_START) if decay else None, run["decay_end"] if decay else None,
-            run.get("attn_ratio", 1.0) if decay else None,
-            run.get("decay_shape", "linear") if decay else None)
+            tuple(decay_knobs(run).values()) if decay else None)
 
 
 def _collect(finished, path: Path, done: list[dict]) -> None:
