@@ -246,7 +246,7 @@ COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 
 DECAY_KNOBS = {"decay_start": (0.1, float), "decay_end": (0.9, float), "decay_shape": ("linear", str),
                "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float)}
 KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the feed-forward rank taking the rest of "
-             "the same parameter budget"}
+             "the same parameter budget (value(s))"}
 
 
 def decay_knobs(row: dict) -> dict:
@@ -288,7 +288,7 @@ def main():
     parser.add_argument("--kd-weight", default="1.0", help="distillation_weight(s) of the -kd methods")
     for name, (default, _) in DECAY_KNOBS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", default=str(default),
-                            help=f"{KNOB_HELP.get(name, name)} value(s) of DecayLoRA")
+                            help=KNOB_HELP.get(name, f"{name} value(s) of DecayLoRA"))
     parser.add_argument("--calibration-batches", type=int, default=32, help="training batches for -cal")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="a Hub name or local path instead of the packaged MiniLM")
