@@ -243,6 +243,8 @@ def summarize(results: list[dict], ranks: list[int]) -> str:
 COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 384 + 384)) / (6 * (4 * (r * 768 + 384) + (r * 1920 + 1536) + (r * 1920 + 384))):.1f}x" for r in (256, 192, 128, 96, 64, 48, 32, 24, 16)}
 # DecayLoRA's benchmark knobs: spec key -> (default, type); each has a --flag (decay_start: --decay-start) that takes
 # a comma-separated list. attn_ratio is quality.py's own (see attention_rank_split); the others are config fields.
+# The defaults are written out, not read from DecayLoraConfig: a result line without a knob ran at this value, and
+# must keep meaning it if the library's default ever changes.
 DECAY_KNOBS = {"decay_start": (0.1, float), "decay_end": (0.9, float), "decay_shape": ("linear", str),
                "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float)}
 KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the feed-forward rank taking the rest of "
