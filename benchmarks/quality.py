@@ -124,6 +124,9 @@ def build(spec: dict, base, total_steps: int):
         return get_peft_model(model, LoraConfig(**common))
     knobs = decay_knobs(spec)
     attn_ratio = knobs.pop("attn_ratio")
+    free_top = knobs.pop("kd_free_top")  # the top layers left out of the distillation
+    if free_top:
+        knobs["distillation_layers"] = list(range(base.config.num_hidden_layers - free_top))
     if attn_ratio != 1.0:
         common.update(attention_rank_split(r, attn_ratio))
     _, noise, *flags = method.split("-")
@@ -246,9 +249,12 @@ COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 
 # The defaults are written out, not read from DecayLoraConfig: a result line without a knob ran at this value, and
 # must keep meaning it if the library's default ever changes.
 DECAY_KNOBS = {"decay_start": (0.1, float), "decay_end": (0.9, float), "decay_shape": ("linear", str),
-               "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float)}
+               "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float),
+               "lora_dropout": (0.0, float), "kd_free_top": (0, int)}
 KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the feed-forward rank taking the rest of "
-             "the same parameter budget (value(s))"}
+             "the same parameter budget (value(s))",
+             "kd_free_top": "number of top layers left out of the distillation (value(s)); the rest form "
+             "distillation_layers"}
 
 
 def decay_knobs(row: dict) -> dict:

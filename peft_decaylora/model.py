@@ -210,7 +210,10 @@ class DecayLoraModel(BaseTuner):
             teacher = module(*args, **kwargs)
         if getattr(outputs, "loss", None) is None or getattr(teacher, "hidden_states", None) is None:
             raise ValueError(_DISTILLATION_NEEDS)
-        outputs.loss = outputs.loss + weight * hidden_state_distillation_loss(outputs.hidden_states, teacher.hidden_states)
+        config = self.peft_config[self.active_adapters[0]]
+        outputs.loss = outputs.loss + weight * hidden_state_distillation_loss(
+            outputs.hidden_states, teacher.hidden_states, config.distillation_layers
+        )
         if not wants_hidden_states:
             outputs.hidden_states = None
         return outputs
@@ -294,11 +297,18 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
-def hidden_state_distillation_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over layers (the embeddings excluded) of ``mean((h_student - h_teacher)^2) / mean(h_teacher^2)``."""
-    losses = [
-        (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in zip(student[1:], teacher[1:])
-    ]
+def hidden_state_distillation_loss(
+    student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layers: Optional[list[int]] = None
+) -> torch.Tensor:
+    """Mean over ``layers`` (default: all; the embeddings excluded) of ``mean((h_student - h_teacher)^2) /
+    mean(h_teacher^2)``."""
+    pairs = list(zip(student[1:], teacher[1:]))
+    if layers is not None:
+        if max(layers) >= len(pairs):
+            raise ValueError(f"`distillation_layers` {list(layers)} names a layer the model lacks: it has "
+                             f"{len(pairs)} layers (indices 0-{len(pairs) - 1}).")
+        pairs = [pairs[i] for i in layers]
+    losses = [(s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in pairs]
     return torch.stack(losses).mean()
 
 
