@@ -124,6 +124,7 @@ def build(spec: dict, base, total_steps: int):
         return get_peft_model(model, LoraConfig(**common))
     knobs = decay_knobs(spec)
     attn_ratio = knobs.pop("attn_ratio")
+    knobs.pop("head_first")  # a training schedule, set in optimizers()
     free_top = knobs.pop("kd_free_top")  # the top layers left out of the distillation
     if free_top:
         knobs["distillation_layers"] = list(range(base.config.num_hidden_layers - free_top))
@@ -158,16 +159,17 @@ def run(spec: dict, args, base, tokenizer) -> dict:
         batches = [collate([train[j] for j in range(i, min(i + args.batch_size, len(train)))])
                    for i in range(0, min(len(train), args.calibration_batches * args.batch_size), args.batch_size)]
         initialize_from_activations(model, batches)
+    warmup = max(1, round(0.06 * total_steps))
     training_args = TrainingArguments(
         output_dir=str(REPO / "outputs" / "quality"), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64, num_train_epochs=args.epochs, learning_rate=spec["lr"],
-        warmup_steps=max(1, round(0.06 * total_steps)), lr_scheduler_type="linear", weight_decay=0.0,
+        warmup_steps=warmup, lr_scheduler_type="linear", weight_decay=0.0,
         logging_steps=50, save_strategy="no", report_to="none", use_cpu=args.device == "cpu", seed=seed,
         disable_tqdm=not args.progress,
     )
     callbacks = [DecayLoraCallback()] if method.startswith("decay") else []
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=DataCollatorWithPadding(
-        tokenizer), callbacks=callbacks, optimizers=(head_lr_optimizer(model, spec), None))
+        tokenizer), callbacks=callbacks, optimizers=optimizers(model, spec, total_steps, warmup))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -190,15 +192,27 @@ def run(spec: dict, args, base, tokenizer) -> dict:
     return {**spec, "accuracy": correct / len(test), "seconds": round(seconds, 1), "hardware": hardware(args.device)}
 
 
-def head_lr_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer | None:
-    """The Trainer's AdamW, with the classifier head at ``spec["lr_head"]``; None (the Trainer's own) without one."""
-    if spec.get("lr_head") is None:
-        return None
+def optimizers(model: nn.Module, spec: dict, total_steps: int, warmup: int) -> tuple:
+    """The Trainer's AdamW and linear warm-up/decay, with the classifier head at ``spec["lr_head"]`` and, for
+    DecayLoRA's ``head_first`` > 0, only the head training for that fraction of the steps (linear probing first; the
+    rest then warms up); (None, None), the Trainer's own, without either."""
+    head_first = round(decay_knobs(spec)["head_first"] * total_steps) if spec["method"].startswith("decay") else 0
+    if spec.get("lr_head") is None and not head_first:
+        return None, None
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     head = [p for name, p in trained if ".classifier." in f".{name}"]
     rest = [p for name, p in trained if ".classifier." not in f".{name}"]
-    return torch.optim.AdamW([{"params": rest}, {"params": head, "lr": spec["lr_head"]}], lr=spec["lr"],
-                             weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": head, "lr": spec.get("lr_head") or spec["lr"]}],
+                                  lr=spec["lr"], weight_decay=0.0)
+
+    def linear(start):  # transformers' get_linear_schedule_with_warmup, from step ``start`` on
+        def factor(step):
+            if step < start + warmup:
+                return max(0.0, (step - start) / warmup)
+            return max(0.0, (total_steps - step) / (total_steps - start - warmup))
+        return factor
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [linear(head_first), linear(0)])
 
 
 def label(row: dict) -> str:
@@ -250,11 +264,12 @@ COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 
 # must keep meaning it if the library's default ever changes.
 DECAY_KNOBS = {"decay_start": (0.1, float), "decay_end": (0.9, float), "decay_shape": ("linear", str),
                "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float),
-               "lora_dropout": (0.0, float), "kd_free_top": (0, int)}
+               "lora_dropout": (0.0, float), "kd_free_top": (0, int), "head_first": (0.0, float)}
 KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the feed-forward rank taking the rest of "
              "the same parameter budget (value(s))",
              "kd_free_top": "number of top layers left out of the distillation (value(s)); the rest form "
-             "distillation_layers"}
+             "distillation_layers",
+             "head_first": "fraction of the steps in which only the classifier head trains (value(s))"}
 
 
 def decay_knobs(row: dict) -> dict:
