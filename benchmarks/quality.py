@@ -125,9 +125,10 @@ def build(spec: dict, base, total_steps: int):
     knobs = decay_knobs(spec)
     attn_ratio = knobs.pop("attn_ratio")
     knobs.pop("head_first")  # a training schedule, set in optimizers()
-    free_top = knobs.pop("kd_free_top")  # the top layers left out of the distillation
-    if free_top:
-        knobs["distillation_layers"] = list(range(base.config.num_hidden_layers - free_top))
+    kd_layers = knobs.pop("kd_layers")  # "all", or a Python slice of the layers: ":5" (all but the top one), "5:"
+    layers = list(range(base.config.num_hidden_layers))
+    knobs["distillation_layers"] = None if kd_layers == "all" else layers[
+        slice(*(int(i) if i else None for i in kd_layers.split(":")))]
     if attn_ratio != 1.0:
         common.update(attention_rank_split(r, attn_ratio))
     _, noise, *flags = method.split("-")
@@ -264,11 +265,10 @@ COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 
 # must keep meaning it if the library's default ever changes.
 DECAY_KNOBS = {"decay_start": (0.1, float), "decay_end": (0.9, float), "decay_shape": ("linear", str),
                "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float),
-               "lora_dropout": (0.0, float), "kd_free_top": (0, int), "head_first": (0.0, float)}
+               "lora_dropout": (0.0, float), "kd_layers": ("all", str), "head_first": (0.0, float)}
 KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the feed-forward rank taking the rest of "
              "the same parameter budget (value(s))",
-             "kd_free_top": "number of top layers left out of the distillation (value(s)); the rest form "
-             "distillation_layers",
+             "kd_layers": "distillation_layers as a Python slice of the layers, e.g. ':5' or '5:' (value(s))",
              "head_first": "fraction of the steps in which only the classifier head trains (value(s))"}
 
 

@@ -87,8 +87,8 @@ class DecayLoraConfig(PeftConfig):
         distillation_schedule (`str`): "constant" (default): the weight stays ``distillation_weight`` throughout.
             "decay": it fades with the frozen weight, ``distillation_weight * d``, so the teacher lets go of the
             representations as ``W`` leaves them and none pulls back in the cool-down at ``d = 0``.
-        distillation_layers (`Optional[list[int]]`): Indices (0-based) of the transformer layers whose outputs are
-            distilled; None (default): every layer's.
+        distillation_layers (`Optional[list[int]]`): Indices of the transformer layers whose outputs are distilled,
+            as in Python (0 is the first layer, -1 the last); None: every layer's.
         modules_to_save (`Optional[list[str]]`): Modules besides the adapters to train and save (e.g. a classifier).
     """
 
@@ -169,7 +169,8 @@ class DecayLoraConfig(PeftConfig):
         metadata={"help": "'constant': the distillation weight throughout; 'decay': the weight times d, fading with W."},
     )
     distillation_layers: Optional[list[int]] = field(
-        default=None, metadata={"help": "Indices (0-based) of the layers whose outputs are distilled; None: all."}
+        default=None,
+        metadata={"help": "Indices of the layers whose outputs are distilled (-1: the last layer); None: every layer."},
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}
@@ -218,13 +219,13 @@ class DecayLoraConfig(PeftConfig):
         _check_choice("distillation", self.distillation, DISTILLATION)
         _check_range("distillation_weight", self.distillation_weight, 0.0, float("inf"))
         _check_choice("distillation_schedule", self.distillation_schedule, DISTILLATION_SCHEDULES)
-        if self.distillation_layers is not None:
-            layers = self.distillation_layers
-            if not isinstance(layers, (list, tuple)) or not layers or not all(
-                    isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in layers):
-                raise ValueError(
-                    f"`distillation_layers` must be None or a non-empty list of layer indices >= 0, got {layers!r}."
-                )
+        layers = self.distillation_layers
+        if layers is not None and not (isinstance(layers, (list, tuple)) and layers and all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers)):
+            raise ValueError(
+                f"`distillation_layers` must be None (every layer) or a non-empty list of layer indices (negative "
+                f"ones count from the top, -1 is the last layer), got {layers!r}."
+            )
         for name in ("bias_compensation", "detect_fused_layouts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

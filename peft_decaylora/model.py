@@ -300,13 +300,13 @@ def eval_mode(model: nn.Module):
 def hidden_state_distillation_loss(
     student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], layers: Optional[list[int]] = None
 ) -> torch.Tensor:
-    """Mean over ``layers`` (default: all; the embeddings excluded) of ``mean((h_student - h_teacher)^2) /
-    mean(h_teacher^2)``."""
+    """Mean over ``layers`` (indices as in Python, default all; the embeddings are not a layer) of
+    ``mean((h_student - h_teacher)^2) / mean(h_teacher^2)``."""
     pairs = list(zip(student[1:], teacher[1:]))
     if layers is not None:
-        if max(layers) >= len(pairs):
+        if not all(-len(pairs) <= i < len(pairs) for i in layers):
             raise ValueError(f"`distillation_layers` {list(layers)} names a layer the model lacks: it has "
-                             f"{len(pairs)} layers (indices 0-{len(pairs) - 1}).")
+                             f"{len(pairs)} layers (indices {-len(pairs)} to {len(pairs) - 1}).")
         pairs = [pairs[i] for i in layers]
     losses = [(s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in pairs]
     return torch.stack(losses).mean()

@@ -111,7 +111,7 @@ def test_a_second_adapter_next_to_an_svd_one_is_refused_and_changes_nothing():
 def test_hidden_state_distillation_adds_the_teacher_term():
     config = DecayLoraConfig(r=4, target_modules=["query", "value", "dense"], total_steps=TOTAL,
                              modules_to_save=["classifier"], distillation="hidden_states", distillation_weight=2.0,
-                             init_weights=False)  # random B: the student clearly differs from the teacher
+                             distillation_layers=None, init_weights=False)  # random B: the student differs
     model = get_peft_model(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), config)
     model.base_model.set_step(60)  # d = 0.375: the student has moved away from the pretrained network
     tokens, labels = torch.randint(0, 64, (4, 9)), torch.tensor([0, 1, 1, 0])
@@ -133,6 +133,41 @@ def test_hidden_state_distillation_adds_the_teacher_term():
     assert distilled.hidden_states is None  # not asked for, not returned
     model.eval()  # no teacher outside training
     assert torch.equal(model(input_ids=tokens, labels=labels).loss, model(input_ids=tokens, labels=labels).loss)
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return (student - teacher).pow(2).mean() / teacher.pow(2).mean()
+
+
+@pytest.mark.parametrize("layers, picked", [([-1], [2]), ([0], [1]), ([0, -1], [1, 2]), (None, [1, 2])])
+def test_distillation_layers_pick_the_distilled_hidden_states(layers, picked):
+    config = DecayLoraConfig(r=4, target_modules=["query", "value", "dense"], total_steps=TOTAL,
+                             distillation="hidden_states", distillation_layers=layers, init_weights=False)
+    model = get_peft_model(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), config)
+    model.base_model.set_step(60)
+    tokens, labels = torch.randint(0, 64, (4, 9)), torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        with model.disable_adapter():
+            model.eval()
+            teacher = model(input_ids=tokens, output_hidden_states=True).hidden_states
+        model.train()
+        model.base_model.peft_config["default"].distillation = "off"
+        plain = model(input_ids=tokens, labels=labels, output_hidden_states=True)
+        model.base_model.peft_config["default"].distillation = "hidden_states"
+        distilled = model(input_ids=tokens, labels=labels)
+    # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1]
+    errors = [relative_error(plain.hidden_states[i], teacher[i]) for i in (1, 2)]
+    assert abs(errors[0] - errors[1]) > 0.1 * max(errors)  # the layers differ, so picking the wrong one shows
+    expected = torch.stack([errors[i - 1] for i in picked]).mean()
+    torch.testing.assert_close(distilled.loss, plain.loss + 3.0 * expected)
+
+
+def test_distillation_layers_beyond_the_model_name_the_field_and_the_layer_count():
+    config = DecayLoraConfig(r=4, target_modules=["query"], total_steps=TOTAL, distillation="hidden_states",
+                             distillation_layers=[2])
+    model = get_peft_model(tiny_bert(), config).train()
+    with pytest.raises(ValueError, match=r"`distillation_layers` \[2\].*has 2 layers"):
+        model(input_ids=torch.randint(0, 64, (2, 5)), labels=torch.tensor([0, 1]))
 
 
 def test_auto_distillation_only_for_transformers_models_with_labels():
@@ -157,7 +192,8 @@ def test_distillation_hooks_leave_with_the_adapter():
     "kwargs, field",
     [({"init_weights": "pissa"}, "init_weights"), ({"distillation": "logits"}, "distillation"),
      ({"distillation_weight": -1.0}, "distillation_weight"), ({"distillation_weight": True}, "distillation_weight"),
-     ({"distillation_schedule": "cosine"}, "distillation_schedule")],
+     ({"distillation_schedule": "cosine"}, "distillation_schedule"), ({"distillation_layers": []}, "distillation_layers"),
+     ({"distillation_layers": [True]}, "distillation_layers"), ({"distillation_layers": "last"}, "distillation_layers")],
 )
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
