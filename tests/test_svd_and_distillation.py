@@ -108,31 +108,46 @@ def test_a_second_adapter_next_to_an_svd_one_is_refused_and_changes_nothing():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_hidden_state_distillation_adds_the_teacher_term():
+TOKENS, LABELS = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 1, 0])
+
+
+def distilled_bert(**config_overrides):
+    """A 2-layer BERT adapted with random B (so the student differs from the teacher) at step 60 (d = 0.375)."""
     config = DecayLoraConfig(r=4, target_modules=["query", "value", "dense"], total_steps=TOTAL,
-                             modules_to_save=["classifier"], distillation="hidden_states", distillation_weight=2.0,
-                             distillation_layers=None, init_weights=False)  # random B: the student differs
+                             modules_to_save=["classifier"], distillation="hidden_states", init_weights=False,
+                             **config_overrides)
     model = get_peft_model(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), config)
-    model.base_model.set_step(60)  # d = 0.375: the student has moved away from the pretrained network
-    tokens, labels = torch.randint(0, 64, (4, 9)), torch.tensor([0, 1, 1, 0])
+    model.base_model.set_step(60)
+    return model
+
+
+@torch.no_grad()
+def teacher_and_plain_outputs(model):
+    """The pretrained network's hidden states, and the training-mode outputs of the student without distillation."""
+    with model.disable_adapter():
+        model.eval()
+        teacher = model(input_ids=TOKENS, output_hidden_states=True).hidden_states
+    model.train()
+    model.base_model.peft_config["default"].distillation = "off"
+    plain = model(input_ids=TOKENS, labels=LABELS, output_hidden_states=True)
+    model.base_model.peft_config["default"].distillation = "hidden_states"
+    return teacher, plain
+
+
+def test_hidden_state_distillation_adds_the_teacher_term():
+    model = distilled_bert(distillation_weight=2.0, distillation_layers=None)
+    teacher, plain = teacher_and_plain_outputs(model)
     with torch.no_grad():
-        with model.disable_adapter():
-            model.eval()
-            teacher = model(input_ids=tokens, output_hidden_states=True).hidden_states
-        model.train()
-        model.base_model.peft_config["default"].distillation = "off"
-        plain = model(input_ids=tokens, labels=labels, output_hidden_states=True)
-        model.base_model.peft_config["default"].distillation = "hidden_states"
-        distilled = model(input_ids=tokens, labels=labels)
+        distilled = model(input_ids=TOKENS, labels=LABELS)
         model.base_model.peft_config["default"].distillation_schedule = "decay"
-        faded = model(input_ids=tokens, labels=labels)
+        faded = model(input_ids=TOKENS, labels=LABELS)
     term = hidden_state_distillation_loss(plain.hidden_states, teacher)
     assert term > 1e-3
     torch.testing.assert_close(distilled.loss, plain.loss + 2.0 * term)
     torch.testing.assert_close(faded.loss, plain.loss + 2.0 * 0.375 * term)  # the weight fades with d
     assert distilled.hidden_states is None  # not asked for, not returned
     model.eval()  # no teacher outside training
-    assert torch.equal(model(input_ids=tokens, labels=labels).loss, model(input_ids=tokens, labels=labels).loss)
+    assert torch.equal(model(input_ids=TOKENS, labels=LABELS).loss, model(input_ids=TOKENS, labels=LABELS).loss)
 
 
 def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -141,20 +156,10 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("layers, picked", [([-1], [2]), ([0], [1]), ([0, -1], [1, 2]), (None, [1, 2])])
 def test_distillation_layers_pick_the_distilled_hidden_states(layers, picked):
-    config = DecayLoraConfig(r=4, target_modules=["query", "value", "dense"], total_steps=TOTAL,
-                             distillation="hidden_states", distillation_layers=layers, init_weights=False)
-    model = get_peft_model(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), config)
-    model.base_model.set_step(60)
-    tokens, labels = torch.randint(0, 64, (4, 9)), torch.tensor([0, 1, 1, 0])
+    model = distilled_bert(distillation_weight=3.0, distillation_layers=layers)
+    teacher, plain = teacher_and_plain_outputs(model)
     with torch.no_grad():
-        with model.disable_adapter():
-            model.eval()
-            teacher = model(input_ids=tokens, output_hidden_states=True).hidden_states
-        model.train()
-        model.base_model.peft_config["default"].distillation = "off"
-        plain = model(input_ids=tokens, labels=labels, output_hidden_states=True)
-        model.base_model.peft_config["default"].distillation = "hidden_states"
-        distilled = model(input_ids=tokens, labels=labels)
+        distilled = model(input_ids=TOKENS, labels=LABELS)
     # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1]
     errors = [relative_error(plain.hidden_states[i], teacher[i]) for i in (1, 2)]
     assert abs(errors[0] - errors[1]) > 0.1 * max(errors)  # the layers differ, so picking the wrong one shows
