@@ -77,8 +77,8 @@ class DecayLoraConfig(PeftConfig):
             decay or noise, and stay dense after compression.
         distillation (`str`): "hidden_states": in training mode the model's loss gains ``distillation_weight`` times
             the mean squared difference between the hidden states of the adapted network and those of the pretrained
-            network (the same model with the adapters bypassed, in eval mode, without gradients), each layer's
-            normalised by the teacher's mean square. This holds the representations that the fading ``W`` carried
+            network (the same model with the adapters bypassed, in eval mode, without gradients) at the layers
+            ``distillation_layers`` names, each layer's normalised by the teacher's mean square. This holds the representations that the fading ``W`` carried
             while the adapter takes over; it costs one extra forward pass per step. The model must return ``loss``
             and ``hidden_states`` (transformers models called with ``labels``), else the forward raises. "auto"
             (default): "hidden_states" for a transformers model called with ``labels``, no teacher otherwise (plain
@@ -88,7 +88,8 @@ class DecayLoraConfig(PeftConfig):
             "decay": it fades with the frozen weight, ``distillation_weight * d``, so the teacher lets go of the
             representations as ``W`` leaves them and none pulls back in the cool-down at ``d = 0``.
         distillation_layers (`Optional[list[int]]`): Indices of the transformer layers whose outputs are distilled,
-            as in Python (0 is the first layer, -1 the last); None: every layer's.
+            as in Python (0 is the first layer, -1 the last). Default ``[-1]``: the last layer only, which anchors the
+            features the task head reads and leaves the layers below free to adapt; ``None``: every layer's.
         modules_to_save (`Optional[list[str]]`): Modules besides the adapters to train and save (e.g. a classifier).
     """
 
@@ -169,8 +170,9 @@ class DecayLoraConfig(PeftConfig):
         metadata={"help": "'constant': the distillation weight throughout; 'decay': the weight times d, fading with W."},
     )
     distillation_layers: Optional[list[int]] = field(
-        default=None,
-        metadata={"help": "Indices of the layers whose outputs are distilled (-1: the last layer); None: every layer."},
+        default_factory=lambda: [-1],
+        metadata={"help": "Indices of the layers whose outputs are distilled; [-1] (default): the last layer; None: "
+                  "every layer."},
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save, e.g. a classifier head."}

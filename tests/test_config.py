@@ -13,6 +13,7 @@ def test_defaults():
     assert (config.decay_start, config.decay_end, config.min_decay) == (0.1, 0.9, 0.0)
     assert (config.noise, config.noise_threshold, config.noise_stats) == ("off", 0.3, "tensor")
     assert (config.init_weights, config.distillation, config.distillation_weight) == ("svd", "auto", 3.0)
+    assert config.distillation_layers == [-1]
     assert config.bias_compensation is True and config.total_steps is None
     assert config.peft_type == "DECAYLORA"
 
@@ -48,6 +49,12 @@ def test_defaults():
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"`{field}"):
         DecayLoraConfig(target_modules=["query"], **kwargs)
+
+
+@pytest.mark.parametrize("layers", [[-1], None, [0, 2]])
+def test_distillation_layers_survive_save_and_load(tmp_path, layers):
+    DecayLoraConfig(target_modules=["query"], distillation_layers=layers).save_pretrained(tmp_path)
+    assert DecayLoraConfig.from_pretrained(tmp_path).distillation_layers == layers
 
 
 def test_target_that_matches_nothing_is_an_error():
