@@ -14,7 +14,8 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
   ``distillation="hidden_states"`` with ``--kd-weight``, ``-fade`` ``distillation_schedule="decay"`` (the weight
   fades with d), ``-ln`` trains the LayerNorms too and ``-pool`` the pooler's Linear (``modules_to_save``; otherwise,
   as for LoRA and SVD, they stay frozen).
-  ``decay-off-svd-kd`` is the library's default.
+  ``decay-off-svd-kd --kd-layers 5:`` is the library's default (``distillation_layers=[-1]``: MiniLM's 6th layer);
+  ``--kd-layers all`` (the knob's default, so that older runs keep their meaning) distils every layer.
   Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
   mean, so it is merged instead.
 
@@ -22,7 +23,9 @@ The ranks are chosen so that the adapted layers (every encoder Linear) shrink ab
 moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count, and ``--lr-head``
 gives the classifier head of LoRA and DecayLoRA its own learning rate. ``--lr``, ``--lr-svd``, ``--lr-head``,
 ``--kd-weight`` and DecayLoRA's ``--decay-start``, ``--decay-end``, ``--decay-shape``, ``--noise-threshold``,
-``--noise-stats`` and ``--attn-ratio`` take comma-separated lists (every combination runs). Each cell is the mean
+``--noise-stats``, ``--attn-ratio``, ``--lora-dropout``, ``--kd-layers`` (``distillation_layers`` as a slice of the
+layers, e.g. ``5:``) and ``--head-first`` (the fraction of the steps in which only the classifier head trains) take
+comma-separated lists (every combination runs). Each cell is the mean
 and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run again;
 ``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
 "quality" section of BENCHMARKS.md ("quality-2-epochs" with ``--epochs 2``, and so on).
