@@ -25,10 +25,10 @@ gives the classifier head of LoRA and DecayLoRA its own learning rate. ``--lr``,
 ``--kd-weight`` and DecayLoRA's ``--decay-start``, ``--decay-end``, ``--decay-shape``, ``--noise-threshold``,
 ``--noise-stats``, ``--attn-ratio``, ``--lora-dropout``, ``--kd-layers`` (``distillation_layers`` as a slice of the
 layers, e.g. ``5:``) and ``--head-first`` (the fraction of the steps in which only the classifier head trains) take
-comma-separated lists (every combination runs). Each cell is the mean
-and spread (min-max) over the seeds present. Finished runs are lines of ``--results`` and are not run again;
-``--no-run`` only tabulates them. ``--workers N`` runs N at a time (useful on a GPU). The table goes to the
-"quality" section of BENCHMARKS.md ("quality-2-epochs" with ``--epochs 2``, and so on).
+comma-separated lists (every combination runs). Each cell is the mean and spread (min-max) over the seeds present.
+Finished runs are lines of ``--results`` and are not run again; ``--no-run`` only tabulates them. ``--workers N``
+runs N at a time (useful on a GPU). The table goes to the "quality" section of BENCHMARKS.md ("quality-2-epochs"
+with ``--epochs 2``, and so on).
 
     python benchmarks/quality.py --methods full,svd,decay-off-svd-kd --lr 5e-4 --lr-svd 1e-4   # hours on 2 CPU cores
     python benchmarks/quality.py --device cuda --workers 4 --methods full,lora,svd,decay-off-svd-kd --lr 5e-4

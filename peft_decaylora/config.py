@@ -78,8 +78,9 @@ class DecayLoraConfig(PeftConfig):
         distillation (`str`): "hidden_states": in training mode the model's loss gains ``distillation_weight`` times
             the mean squared difference between the hidden states of the adapted network and those of the pretrained
             network (the same model with the adapters bypassed, in eval mode, without gradients) at the layers
-            ``distillation_layers`` names, each layer's normalised by the teacher's mean square. This holds the representations that the fading ``W`` carried
-            while the adapter takes over; it costs one extra forward pass per step. The model must return ``loss``
+            ``distillation_layers`` names, each layer's normalised by the teacher's mean square. This holds the
+            representations that the fading ``W`` carried while the adapter takes over; it costs one extra forward
+            pass per step. The model must return ``loss``
             and ``hidden_states`` (transformers models called with ``labels``), else the forward raises. "auto"
             (default): "hidden_states" for a transformers model called with ``labels``, no teacher otherwise (plain
             modules, calls without labels). "off": no teacher.

@@ -197,8 +197,9 @@ def test_distillation_hooks_leave_with_the_adapter():
     "kwargs, field",
     [({"init_weights": "pissa"}, "init_weights"), ({"distillation": "logits"}, "distillation"),
      ({"distillation_weight": -1.0}, "distillation_weight"), ({"distillation_weight": True}, "distillation_weight"),
-     ({"distillation_schedule": "cosine"}, "distillation_schedule"), ({"distillation_layers": []}, "distillation_layers"),
-     ({"distillation_layers": [True]}, "distillation_layers"), ({"distillation_layers": "last"}, "distillation_layers")],
+     ({"distillation_schedule": "cosine"}, "distillation_schedule"),
+     ({"distillation_layers": []}, "distillation_layers"), ({"distillation_layers": [True]}, "distillation_layers"),
+     ({"distillation_layers": "last"}, "distillation_layers")],
 )
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
