@@ -80,10 +80,9 @@ class DecayLoraConfig(PeftConfig):
             network (the same model with the adapters bypassed, in eval mode, without gradients) at the layers
             ``distillation_layers`` names, each layer's normalised by the teacher's mean square. This holds the
             representations that the fading ``W`` carried while the adapter takes over; it costs one extra forward
-            pass per step. The model must return ``loss``
-            and ``hidden_states`` (transformers models called with ``labels``), else the forward raises. "auto"
-            (default): "hidden_states" for a transformers model called with ``labels``, no teacher otherwise (plain
-            modules, calls without labels). "off": no teacher.
+            pass per step. The model must return ``loss`` and ``hidden_states`` (transformers models called with
+            ``labels``), else the forward raises. "auto" (default): "hidden_states" for a transformers model called
+            with ``labels``, no teacher otherwise (plain modules, calls without labels). "off": no teacher.
         distillation_weight (`float`): Weight of the distillation term, >= 0 (default 3).
         distillation_schedule (`str`): "constant" (default): the weight stays ``distillation_weight`` throughout.
             "decay": it fades with the frozen weight, ``distillation_weight * d``, so the teacher lets go of the
