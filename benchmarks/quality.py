@@ -352,9 +352,11 @@ def main():
     done = [row for row in done if all(row.get(k) == v for k, v in setting.items())]
     finished = {run_key(row) for row in done}
     todo = [job for job in jobs if run_key(job) not in finished]
-    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {path}", flush=True)
     if args.no_run:
+        print(f"tabulating the {len(jobs) - len(todo)} runs of this grid already in {path}", flush=True)
         todo = []
+    else:
+        print(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already in {path}", flush=True)
     if args.workers > 1 and todo:
         import multiprocessing
 

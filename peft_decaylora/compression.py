@@ -230,7 +230,7 @@ def compress_and_unload(model: nn.Module, adapter_name: Optional[str] = None, pr
     for key, compressed in replacements:
         _set_submodule(root, key, compressed)
     _unload(root)
-    tuner._remove_distillation_hooks()
+    tuner._remove_model_hooks()
     return root
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
@@ -22,6 +23,10 @@ _DISTILLATION_NEEDS = (
     "DecayLoRA distillation='hidden_states' adds to the loss the model returns, so the model must be a transformers "
     "model that returns `loss` and `hidden_states`, called with `labels`; use distillation='auto' or 'off' otherwise."
 )
+
+# Training forwards at one schedule step after which nothing is taken to drive the schedule (far above any gradient
+# accumulation in use, far below a run's length).
+STALLED_SCHEDULE_FORWARDS = 256
 
 
 class DecayLoraModel(BaseTuner):
@@ -49,7 +54,10 @@ class DecayLoraModel(BaseTuner):
         self._teaching = False
         # (weight, whether the caller asked for hidden states) of the forward in flight, set by the pre-hook
         self._pending_distillation = None
-        self._distillation_hooks = (
+        # (step, training forwards seen at it) of the active adapter, to warn when nothing moves the schedule
+        self._forwards_at_step = (None, 0)
+        self._model_hooks = (
+            self.model.register_forward_pre_hook(self._watch_schedule),
             self.model.register_forward_pre_hook(self._request_hidden_states, with_kwargs=True),
             self.model.register_forward_hook(self._add_distillation_loss, with_kwargs=True),
         )
@@ -173,6 +181,29 @@ class DecayLoraModel(BaseTuner):
         return {"step": steps.pop(), "decay_factor": d, "noise_active": scale > 0.0, "noise_scale": scale}
 
     # -------------------------------------------------------------------------------------------- distillation
+    def _watch_schedule(self, module, args) -> None:
+        """Warn once when many training forwards run at one schedule step: a set ``total_steps`` with neither
+        `DecayLoraCallback` nor `attach_schedule` trains plain LoRA and never decays."""
+        if self._teaching or not module.training or not torch.is_grad_enabled() or len(self.active_adapters) != 1:
+            return
+        adapter = self.active_adapters[0]
+        layer = next((module for module in self.model.modules()
+                      if isinstance(module, DecayLoraLayer) and adapter in module.decaylora_step), None)
+        if layer is None:
+            return
+        step = layer.get_step(adapter)
+        last_step, seen = self._forwards_at_step
+        seen = seen + 1 if step == last_step else 1
+        self._forwards_at_step = (step, seen)
+        if seen == STALLED_SCHEDULE_FORWARDS:
+            warnings.warn(
+                f"DecayLoRA adapter {adapter!r}: {seen} training forwards ran at schedule step {step} and nothing "
+                "moved it, so the frozen weight is not decaying. Pass `callbacks=[peft_decaylora.DecayLoraCallback()]`"
+                " to the Trainer, call `peft_decaylora.attach_schedule(model, optimizer)` in a custom loop, or move it "
+                "yourself with `model.base_model.set_step(step)`.",
+                stacklevel=2,
+            )
+
     def _distillation_weight(self, module: nn.Module, kwargs: dict) -> float:
         """The weight of the distillation term for this forward: 0 unless training with distillation on."""
         if not module.training or len(self.active_adapters) != 1:
@@ -259,11 +290,11 @@ class DecayLoraModel(BaseTuner):
         else:  # give back the pretrained weights that an SVD initialisation split
             for layer in self._decaylora_layers():
                 layer.restore_pretrained_weight()
-        self._remove_distillation_hooks()
+        self._remove_model_hooks()
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
 
-    def _remove_distillation_hooks(self) -> None:
-        for handle in self._distillation_hooks:
+    def _remove_model_hooks(self) -> None:
+        for handle in self._model_hooks:
             handle.remove()
 
     # ------------------------------------------------------------------------------------------------ adapters

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_decaylora
 from peft_decaylora import DecayLoraCallback, DecayLoraConfig, attach_schedule, decay_factor
+from peft_decaylora.model import STALLED_SCHEDULE_FORWARDS
 from tests.conftest import TwoLayerNet, tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +195,33 @@ def test_attach_schedule_requires_a_length_and_steps_once_per_optimizer_step():
     assert layer._host_step["default"][1:] == (layer.decaylora_step["default"]._version, 2)
     handle.remove()
     optimizer.step()
+    assert model.base_model.schedule_state()["step"] == 2
+
+
+def test_training_forwards_that_never_move_the_schedule_warn_once():
+    model = make_model(total_steps=8).train()
+    tokens = torch.randint(0, 64, (2, SEQ))
+
+    def stall_warnings(forwards, step_every=None, optimizer=None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(1, forwards + 1):
+                model(tokens)
+                if step_every and i % step_every == 0:
+                    optimizer.step()
+        return [w for w in caught if "nothing moved it" in str(w.message)]
+
+    assert not stall_warnings(STALLED_SCHEDULE_FORWARDS - 1)
+    with torch.no_grad():  # evaluation forwards do not count
+        model(tokens)
+    caught = stall_warnings(STALLED_SCHEDULE_FORWARDS + 50)
+    assert len(caught) == 1 and "DecayLoraCallback" in str(caught[0].message)
+    assert "'default'" in str(caught[0].message) and "step 0" in str(caught[0].message)
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    attach_schedule(model, optimizer)
+    assert not stall_warnings(2 * STALLED_SCHEDULE_FORWARDS, step_every=STALLED_SCHEDULE_FORWARDS - 1,
+                              optimizer=optimizer)
     assert model.base_model.schedule_state()["step"] == 2
 
 
