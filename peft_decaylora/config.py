@@ -189,6 +189,12 @@ class DecayLoraConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         self._validate()
 
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Read a saved config: one written before ``distillation_layers`` existed distilled every layer (``None``)."""
+        kwargs.setdefault("distillation_layers", None)
+        return super().check_kwargs(**kwargs)
+
     def _validate(self) -> None:
         _check_positive_int("r", self.r)
         _check_positive_number("lora_alpha", self.lora_alpha)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -55,6 +57,14 @@ def test_invalid_values_name_the_field(kwargs, field):
 def test_distillation_layers_survive_save_and_load(tmp_path, layers):
     DecayLoraConfig(target_modules=["query"], distillation_layers=layers).save_pretrained(tmp_path)
     assert DecayLoraConfig.from_pretrained(tmp_path).distillation_layers == layers
+
+
+def test_config_saved_before_distillation_layers_keeps_every_layer_distilled(tmp_path):
+    DecayLoraConfig(target_modules=["query"]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved.pop("distillation_layers") == [-1]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    assert DecayLoraConfig.from_pretrained(tmp_path).distillation_layers is None
 
 
 def test_target_that_matches_nothing_is_an_error():
