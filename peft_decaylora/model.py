@@ -180,15 +180,14 @@ class DecayLoraModel(BaseTuner):
         d, scale = layers[0].schedule_point(adapter_name)
         return {"step": steps.pop(), "decay_factor": d, "noise_active": scale > 0.0, "noise_scale": scale}
 
-    # -------------------------------------------------------------------------------------------- distillation
     def _watch_schedule(self, module, args) -> None:
         """Warn once when many training forwards run at one schedule step: a set ``total_steps`` with neither
         `DecayLoraCallback` nor `attach_schedule` trains plain LoRA and never decays."""
         if self._teaching or not module.training or not torch.is_grad_enabled() or len(self.active_adapters) != 1:
             return
         adapter = self.active_adapters[0]
-        layer = next((module for module in self.model.modules()
-                      if isinstance(module, DecayLoraLayer) and adapter in module.decaylora_step), None)
+        layer = next((candidate for candidate in self.model.modules()
+                      if isinstance(candidate, DecayLoraLayer) and adapter in candidate.decaylora_step), None)
         if layer is None:
             return
         step = layer.get_step(adapter)
@@ -204,6 +203,7 @@ class DecayLoraModel(BaseTuner):
                 stacklevel=2,
             )
 
+    # -------------------------------------------------------------------------------------------- distillation
     def _distillation_weight(self, module: nn.Module, kwargs: dict) -> float:
         """The weight of the distillation term for this forward: 0 unless training with distillation on."""
         if not module.training or len(self.active_adapters) != 1:
