@@ -131,6 +131,12 @@ class DecayLoraModel(BaseTuner):
     def _decaylora_layers(self):
         return [module for module in self.model.modules() if isinstance(module, DecayLoraLayer)]
 
+    def _first_layer_of(self, adapter_name: str) -> Optional[DecayLoraLayer]:
+        """The first layer carrying ``adapter_name`` (the layers share its schedule and state), found without
+        walking the whole model."""
+        return next((module for module in self.model.modules()
+                     if isinstance(module, DecayLoraLayer) and adapter_name in module.decaylora_step), None)
+
     def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
         if adapter_name is None:
             if len(self.active_adapters) != 1:
@@ -186,8 +192,7 @@ class DecayLoraModel(BaseTuner):
         if self._teaching or not module.training or not torch.is_grad_enabled() or len(self.active_adapters) != 1:
             return
         adapter = self.active_adapters[0]
-        layer = next((candidate for candidate in self.model.modules()
-                      if isinstance(candidate, DecayLoraLayer) and adapter in candidate.decaylora_step), None)
+        layer = self._first_layer_of(adapter)
         if layer is None:
             return
         step = layer.get_step(adapter)
@@ -217,10 +222,10 @@ class DecayLoraModel(BaseTuner):
         if not usable:
             raise ValueError(_DISTILLATION_NEEDS)
         adapter = self.active_adapters[0]
-        layers = [layer for layer in self._decaylora_layers() if adapter in layer.decaylora_step]
-        if not layers or layers[0].disable_adapters or layers[0].merged:
+        layer = self._first_layer_of(adapter)
+        if layer is None or layer.disable_adapters or layer.merged:
             return 0.0
-        fade = layers[0].decay_factor(adapter) if config.distillation_schedule == "decay" else 1.0
+        fade = layer.decay_factor(adapter) if config.distillation_schedule == "decay" else 1.0
         return float(config.distillation_weight) * fade
 
     def _request_hidden_states(self, module, args, kwargs):
