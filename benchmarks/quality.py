@@ -20,11 +20,12 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
   mean, so it is merged instead.
 
 The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x; ``--attn-ratio``
-moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count, and ``--lr-head``
-gives the classifier head of LoRA and DecayLoRA its own learning rate. ``--lr``, ``--lr-svd``, ``--lr-head``,
+moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count, ``--depth-slope``
+between the bottom and top layers, ``--lr-head`` gives the classifier head of LoRA and DecayLoRA its own learning rate
+and ``--lr-b-ratio`` DecayLoRA's B factors theirs (a multiple of ``--lr``, as in LoRA+). ``--lr``, ``--lr-svd``, ``--lr-head``,
 ``--kd-weight`` and DecayLoRA's ``--decay-start``, ``--decay-end``, ``--decay-shape``, ``--noise-threshold``,
-``--noise-stats``, ``--attn-ratio``, ``--lora-dropout``, ``--kd-layers`` (``distillation_layers`` as a slice of the
-layers, e.g. ``5:``) and ``--head-first`` (the fraction of the steps in which only the classifier head trains) take
+``--noise-stats``, ``--attn-ratio``, ``--depth-slope``, ``--lr-b-ratio``, ``--lora-dropout``, ``--kd-layers``
+(``distillation_layers`` as a slice of the layers, e.g. ``5:``) and ``--head-first`` (the fraction of the steps in which only the classifier head trains) take
 comma-separated lists (every combination runs). Each cell is the mean and spread (min-max) over the seeds present.
 Finished runs are lines of ``--results`` and are not run again; ``--no-run`` only tabulates them. ``--workers N``
 runs N at a time (useful on a GPU). The table goes to the "quality" section of BENCHMARKS.md ("quality-2-epochs"
@@ -107,6 +108,14 @@ def attention_rank_split(r: int, ratio: float) -> dict:
             "alpha_pattern": {name: attention for name in names}}
 
 
+def depth_rank_split(r: int, slope: float, num_layers: int) -> dict:
+    """Ranks growing linearly with depth around ``r`` (``slope`` < 0: shrinking), with about the parameters of rank
+    ``r`` everywhere: layer i gets ``r * (1 + slope * (2 i / (L - 1) - 1))``."""
+    ranks = {rf"layer\.{i}\..*": max(1, round(r * (1 + slope * (2 * i / (num_layers - 1) - 1))))
+             for i in range(num_layers)}
+    return {"rank_pattern": ranks, "alpha_pattern": dict(ranks)}
+
+
 def build(spec: dict, base, total_steps: int):
     """The model to train for ``spec["method"]`` at rank ``spec["r"]``."""
     from peft import LoraConfig, get_peft_model
@@ -126,14 +135,18 @@ def build(spec: dict, base, total_steps: int):
     if method == "lora":
         return get_peft_model(model, LoraConfig(**common))
     knobs = decay_knobs(spec)
-    attn_ratio = knobs.pop("attn_ratio")
-    knobs.pop("head_first")  # a training schedule, set in optimizers()
+    attn_ratio, depth_slope = knobs.pop("attn_ratio"), knobs.pop("depth_slope")
+    knobs.pop("head_first"), knobs.pop("lr_b_ratio")  # training schedules, set in optimizers()
     kd_layers = knobs.pop("kd_layers")  # "all", or a Python slice of the layers: ":5" (all but the top one), "5:"
     layers = list(range(base.config.num_hidden_layers))
     knobs["distillation_layers"] = None if kd_layers == "all" else layers[
         slice(*(int(i) if i else None for i in kd_layers.split(":")))]
+    if attn_ratio != 1.0 and depth_slope:
+        raise ValueError("--attn-ratio and --depth-slope both set ranks: vary one at a time")
     if attn_ratio != 1.0:
         common.update(attention_rank_split(r, attn_ratio))
+    if depth_slope:
+        common.update(depth_rank_split(r, depth_slope, base.config.num_hidden_layers))
     _, noise, *flags = method.split("-")
     # -ln / -pool: the LayerNorms / the pooler's Linear train in full too, as in full fine-tuning (not compressed)
     trained_in_full = {"ln": "LayerNorm", "pool": "pooler.dense"}
@@ -200,13 +213,17 @@ def optimizers(model: nn.Module, spec: dict, total_steps: int, warmup: int) -> t
     """The Trainer's AdamW and linear warm-up/decay, with the classifier head at ``spec["lr_head"]`` and, for
     DecayLoRA's ``head_first`` > 0, only the head training for that fraction of the steps (linear probing first; the
     rest then warms up); (None, None), the Trainer's own, without either."""
-    head_first = round(decay_knobs(spec)["head_first"] * total_steps) if spec["method"].startswith("decay") else 0
-    if spec.get("lr_head") is None and not head_first:
+    decay = spec["method"].startswith("decay")
+    head_first = round(decay_knobs(spec)["head_first"] * total_steps) if decay else 0
+    lr_b_ratio = decay_knobs(spec)["lr_b_ratio"] if decay else 1.0
+    if spec.get("lr_head") is None and not head_first and lr_b_ratio == 1.0:
         return None, None
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     head = [p for name, p in trained if ".classifier." in f".{name}"]
-    rest = [p for name, p in trained if ".classifier." not in f".{name}"]
-    optimizer = torch.optim.AdamW([{"params": rest}, {"params": head, "lr": spec.get("lr_head") or spec["lr"]}],
+    up = [p for name, p in trained if ".classifier." not in f".{name}" and ".decaylora_B." in f".{name}"]
+    rest = [p for name, p in trained if ".classifier." not in f".{name}" and ".decaylora_B." not in f".{name}"]
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": up, "lr": spec["lr"] * lr_b_ratio},
+                                   {"params": head, "lr": spec.get("lr_head") or spec["lr"]}],
                                   lr=spec["lr"], weight_decay=0.0)
 
     def linear(start):  # transformers' get_linear_schedule_with_warmup, from step ``start`` on
@@ -216,7 +233,7 @@ def optimizers(model: nn.Module, spec: dict, total_steps: int, warmup: int) -> t
             return max(0.0, (total_steps - step) / (total_steps - start - warmup))
         return factor
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [linear(head_first), linear(0)])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [linear(head_first), linear(head_first), linear(0)])
 
 
 def label(row: dict) -> str:
@@ -268,11 +285,15 @@ COMPRESSION = {r: f"{6 * (4 * (384 * 384 + 384) + (384 * 1536 + 1536) + (1536 * 
 # must keep meaning it if the library's default ever changes.
 DECAY_KNOBS = {"decay_start": (0.1, float), "decay_end": (0.9, float), "decay_shape": ("linear", str),
                "noise_threshold": (0.3, float), "noise_stats": ("tensor", str), "attn_ratio": (1.0, float),
-               "lora_dropout": (0.0, float), "kd_layers": ("all", str), "head_first": (0.0, float)}
+               "lora_dropout": (0.0, float), "kd_layers": ("all", str), "head_first": (0.0, float),
+               "depth_slope": (0.0, float), "lr_b_ratio": (1.0, float)}
 KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the feed-forward rank taking the rest of "
              "the same parameter budget (value(s))",
              "kd_layers": "distillation_layers as a Python slice of the layers, e.g. ':5' or '5:' (value(s))",
-             "head_first": "fraction of the steps in which only the classifier head trains (value(s))"}
+             "head_first": "fraction of the steps in which only the classifier head trains (value(s))",
+             "depth_slope": "rank by depth at the same parameter count: layer i of L gets r * (1 + slope * (2i / (L - 1) "
+             "- 1)), so 0.5 gives the bottom layer r/2 and the top one 1.5 r (value(s))",
+             "lr_b_ratio": "learning rate of B over that of A, as in LoRA+ (arXiv 2402.12354) (value(s))"}
 
 
 def decay_knobs(row: dict) -> dict:
