@@ -21,7 +21,7 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
 
 The ranks are chosen so that the adapted layers (every encoder Linear) shrink about 2x, 4x and 8x; ``--attn-ratio``
 moves DecayLoRA's ranks between attention and feed-forward matrices at the same parameter count, ``--depth-slope``
-between the bottom and top layers, ``--lr-head`` gives the classifier head of LoRA and DecayLoRA its own learning rate
+(``rank_by_depth``) between the bottom and top layers, ``--lr-head`` gives the classifier head of LoRA and DecayLoRA its own learning rate
 and ``--lr-b-ratio`` DecayLoRA's B factors theirs (a multiple of ``--lr``, as in LoRA+). ``--lr``, ``--lr-svd``, ``--lr-head``,
 ``--kd-weight`` and DecayLoRA's ``--decay-start``, ``--decay-end``, ``--decay-shape``, ``--noise-threshold``,
 ``--noise-stats``, ``--attn-ratio``, ``--depth-slope``, ``--lr-b-ratio``, ``--lora-dropout``, ``--kd-layers``
@@ -108,14 +108,6 @@ def attention_rank_split(r: int, ratio: float) -> dict:
             "alpha_pattern": {name: attention for name in names}}
 
 
-def depth_rank_split(r: int, slope: float, num_layers: int) -> dict:
-    """Ranks growing linearly with depth around ``r`` (``slope`` < 0: shrinking), with about the parameters of rank
-    ``r`` everywhere: layer i gets ``r * (1 + slope * (2 i / (L - 1) - 1))``."""
-    ranks = {rf"layer\.{i}\..*": max(1, round(r * (1 + slope * (2 * i / (num_layers - 1) - 1))))
-             for i in range(num_layers)}
-    return {"rank_pattern": ranks, "alpha_pattern": dict(ranks)}
-
-
 def build(spec: dict, base, total_steps: int):
     """The model to train for ``spec["method"]`` at rank ``spec["r"]``."""
     from peft import LoraConfig, get_peft_model
@@ -145,8 +137,6 @@ def build(spec: dict, base, total_steps: int):
         raise ValueError("--attn-ratio and --depth-slope both set ranks: vary one at a time")
     if attn_ratio != 1.0:
         common.update(attention_rank_split(r, attn_ratio))
-    if depth_slope:
-        common.update(depth_rank_split(r, depth_slope, base.config.num_hidden_layers))
     _, noise, *flags = method.split("-")
     # -ln / -pool: the LayerNorms / the pooler's Linear train in full too, as in full fine-tuning (not compressed)
     trained_in_full = {"ln": "LayerNorm", "pool": "pooler.dense"}
@@ -155,7 +145,7 @@ def build(spec: dict, base, total_steps: int):
         noise=noise, bias_compensation="noC" not in flags, init_weights="svd" if "svd" in flags else True,
         distillation="hidden_states" if "kd" in flags else "off", distillation_weight=spec["kd_weight"],
         distillation_schedule="decay" if "fade" in flags else "constant",
-        total_steps=total_steps, **knobs, **common,
+        rank_by_depth=depth_slope, total_steps=total_steps, **knobs, **common,
     )
     return get_peft_model(model, config)
 
@@ -291,8 +281,8 @@ KNOB_HELP = {"attn_ratio": "DecayLoRA's attention rank as a multiple of r, the f
              "the same parameter budget (value(s))",
              "kd_layers": "distillation_layers as a Python slice of the layers, e.g. ':5' or '5:' (value(s))",
              "head_first": "fraction of the steps in which only the classifier head trains (value(s))",
-             "depth_slope": "rank by depth at the same parameter count: layer i of L gets r * (1 + slope * (2i / (L - 1) "
-             "- 1)), so 0.5 gives the bottom layer r/2 and the top one 1.5 r (value(s))",
+             "depth_slope": "DecayLoRA's rank_by_depth: -0.5 gives the bottom layer 1.5 r and the top one r / 2, at "
+             "the same parameter count (value(s))",
              "lr_b_ratio": "learning rate of B over that of A, as in LoRA+ (arXiv 2402.12354) (value(s))"}
 
 

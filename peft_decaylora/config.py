@@ -41,6 +41,13 @@ class DecayLoraConfig(PeftConfig):
         layers_pattern (`Optional[Union[list[str], str]]`): Name of the layer list, used with `layers_to_transform`.
         rank_pattern (`dict`): Module name or regex -> rank, overriding `r`.
         alpha_pattern (`dict`): Module name or regex -> alpha, overriding `lora_alpha`.
+        rank_by_depth (`float`): Moves rank between the bottom and the top of the layer stack at the same total, in
+            [-1, 1]. The adapted modules of layer ``i`` of ``L`` get rank ``round(r * (1 + rank_by_depth * (2 i /
+            (L - 1) - 1)))`` (at least 1) and ``lora_alpha`` scaled alike, so ``s`` stays ``lora_alpha / r``.
+            Negative values give the bottom layers more rank. The layer index is the first number in the module's
+            name, or the one after `layers_pattern`, as for `layers_to_transform`; ``L`` is one more than the
+            largest index in the model. Modules outside the layer stack keep ``r``; `rank_pattern` and
+            `alpha_pattern` entries win. 0.0 (default): the same rank everywhere.
         init_weights (`Union[bool, str]`): "svd" (default): ``s B A`` starts as the best rank-``r`` approximation of
             ``W`` (its top singular vectors; per adapted slice of a fused layout) and the frozen weight becomes the
             residual ``W - s B A``, which is what decays. Step 0 still reproduces the base model, and the adapter
@@ -117,6 +124,11 @@ class DecayLoraConfig(PeftConfig):
     alpha_pattern: Optional[dict] = field(
         default_factory=dict, metadata={"help": "Module name or regex -> alpha, overriding `lora_alpha`."}
     )
+    rank_by_depth: float = field(
+        default=0.0,
+        metadata={"help": "In [-1, 1]: moves rank to the bottom layers (negative) or the top ones (positive) at the "
+                  "same total; 0: the same rank everywhere."},
+    )
     init_weights: Union[bool, Literal["svd"]] = field(
         default="svd",
         metadata={"help": "True: B = 0. 'svd': s B A starts as the top-r part of W and the residual decays. Both "
@@ -191,8 +203,10 @@ class DecayLoraConfig(PeftConfig):
 
     @classmethod
     def check_kwargs(cls, **kwargs):
-        """Read a saved config: one written before ``distillation_layers`` existed distilled every layer (``None``)."""
+        """Read a saved config: one written before ``distillation_layers`` existed distilled every layer (``None``),
+        and one written before ``rank_by_depth`` existed has the same rank everywhere (0.0)."""
         kwargs.setdefault("distillation_layers", None)
+        kwargs.setdefault("rank_by_depth", 0.0)
         return super().check_kwargs(**kwargs)
 
     def _validate(self) -> None:
@@ -203,6 +217,7 @@ class DecayLoraConfig(PeftConfig):
             _check_positive_int(f"rank_pattern[{name!r}]", value)
         for name, value in (self.alpha_pattern or {}).items():
             _check_positive_number(f"alpha_pattern[{name!r}]", value)
+        _check_range("rank_by_depth", self.rank_by_depth, -1.0, 1.0)
         if self.total_steps is not None:
             _check_positive_int("total_steps", self.total_steps)
         for name in ("decay_start", "decay_end"):

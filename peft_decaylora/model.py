@@ -109,9 +109,15 @@ class DecayLoraModel(BaseTuner):
     ):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
+        r, lora_alpha = config.r, config.lora_alpha
+        if config.rank_by_depth:
+            index = layer_index(current_key, config.layers_pattern)
+            if index is not None:
+                r, lora_alpha = rank_at_depth(r, lora_alpha, config.rank_by_depth, index,
+                                              stack_depth(self.model, config.layers_pattern))
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), r)
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
-        lora_alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        lora_alpha = config.alpha_pattern.get(alpha_key, lora_alpha)
         fused_layout = config.fused_layouts.get(get_pattern_key(config.fused_layouts.keys(), current_key))
         fused_enable = config.fused_enable.get(get_pattern_key(config.fused_enable.keys(), current_key))
         if fused_enable is not None and fused_layout is None:
@@ -346,6 +352,32 @@ def hidden_state_distillation_loss(
         pairs = [pairs[i] for i in layers]
     losses = [(s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in pairs]
     return torch.stack(losses).mean()
+
+
+def layer_index(key: str, layers_pattern=None) -> Optional[int]:
+    """Index in the layer stack of the module named ``key``, as ``layers_to_transform`` counts it: the first number
+    in the name that is not its last part (the one after a name in ``layers_pattern`` if given); None outside it."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    parts = key.split(".")
+    for position in range(1, len(parts) - 1):
+        if parts[position].isdigit() and (not patterns or parts[position - 1] in patterns):
+            return int(parts[position])
+    return None
+
+
+def stack_depth(model: nn.Module, layers_pattern=None) -> int:
+    """Number of layers of ``model``'s layer stack: one more than the largest layer index of its modules."""
+    indices = [layer_index(key, layers_pattern) for key, _ in model.named_modules()]
+    return 1 + max((index for index in indices if index is not None), default=0)
+
+
+def rank_at_depth(r: int, lora_alpha: float, slope: float, index: int, depth: int) -> tuple[int, float]:
+    """``rank_by_depth``'s rank of layer ``index`` of ``depth`` layers, and its alpha, scaled alike so that
+    ``lora_alpha / r`` stays."""
+    if depth < 2:
+        return r, lora_alpha
+    rank = max(1, round(r * (1 + slope * (2 * index / (depth - 1) - 1))))
+    return rank, lora_alpha * rank / r
 
 
 def _adaptable(module: nn.Module) -> bool:

@@ -10,16 +10,9 @@ import peft_decaylora  # noqa: F401  (registers DECAYLORA)
 
 def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        num_labels=2,
-        **overrides,
-    )
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                 max_position_embeddings=32, num_labels=2)
+    config = BertConfig(**{**sizes, **overrides})
     return BertForSequenceClassification(config).eval()
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_decaylora import DecayLoraConfig, DecayLoraModule
@@ -46,6 +46,8 @@ def test_defaults():
         ({"bias_compensation": "yes"}, "bias_compensation"),
         ({"rank_pattern": {"query": 0}}, "rank_pattern"),
         ({"alpha_pattern": {"query": -1}}, "alpha_pattern"),
+        ({"rank_by_depth": 1.5}, "rank_by_depth"),
+        ({"rank_by_depth": "down"}, "rank_by_depth"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
@@ -59,12 +61,13 @@ def test_distillation_layers_survive_save_and_load(tmp_path, layers):
     assert DecayLoraConfig.from_pretrained(tmp_path).distillation_layers == layers
 
 
-def test_config_saved_before_distillation_layers_keeps_every_layer_distilled(tmp_path):
-    DecayLoraConfig(target_modules=["query"]).save_pretrained(tmp_path)
+def test_config_saved_before_newer_fields_keeps_its_meaning(tmp_path):
+    DecayLoraConfig(target_modules=["query"], rank_by_depth=-0.5).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved.pop("distillation_layers") == [-1]
+    assert saved.pop("distillation_layers") == [-1] and saved.pop("rank_by_depth") == -0.5
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
-    assert DecayLoraConfig.from_pretrained(tmp_path).distillation_layers is None
+    loaded = DecayLoraConfig.from_pretrained(tmp_path)
+    assert loaded.distillation_layers is None and loaded.rank_by_depth == 0.0  # every layer; the same rank everywhere
 
 
 def test_target_that_matches_nothing_is_an_error():
@@ -91,6 +94,23 @@ def test_grouped_conv_is_refused_by_name():
     with pytest.raises(TypeError, match=r"0 .*groups=4"):
         get_peft_model(model, DecayLoraConfig(target_modules=["0", "1"]))
     assert not any(isinstance(m, DecayLoraModule) for m in model.modules())
+
+
+def test_rank_by_depth_moves_rank_down_the_stack_at_the_same_total(tmp_path):
+    config = DecayLoraConfig(r=8, lora_alpha=16, target_modules=["query", "dense"], rank_by_depth=-0.5,
+                             rank_pattern={"layer.3.attention.output.dense": 5})
+    model = get_peft_model(tiny_bert(num_hidden_layers=4), config)
+    bert = model.base_model.model.bert
+    # layer i of 4 gets round(8 * (1 - 0.5 * (2 i / 3 - 1))): 12, 9, 7, 4 -- the 32 of rank 8 in each layer
+    assert [layer.attention.self.query.r["default"] for layer in bert.encoder.layer] == [12, 9, 7, 4]
+    assert {layer.attention.self.query.scaling["default"] for layer in bert.encoder.layer} == {2.0}
+    assert bert.encoder.layer[0].attention.self.query.decaylora_A["default"].weight.shape == (12, 32)
+    assert bert.encoder.layer[3].attention.output.dense.r["default"] == 5  # rank_pattern wins
+    assert bert.pooler.dense.r["default"] == 8  # outside the layer stack
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(num_hidden_layers=4), tmp_path)
+    inputs = torch.randint(0, 64, (2, 7))
+    assert torch.equal(loaded(input_ids=inputs).logits, model.eval()(input_ids=inputs).logits)
 
 
 def test_rank_and_alpha_patterns():
