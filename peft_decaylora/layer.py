@@ -344,9 +344,11 @@ class DecayLoraLayer(BaseTunerLayer):
         rows = weight.detach().float().reshape(weight.shape[0], -1)
         whitening = None
         if input_gram is not None:
-            gram = input_gram.to(rows)
-            jitter = 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], device=gram.device)
-            whitening = torch.linalg.cholesky(gram + jitter)
+            # G = V diag(e) V^T, L = V diag(sqrt e). Eigenvalues are floored: fewer calibration tokens than inputs, or
+            # float rounding, leave G singular or slightly indefinite.
+            eigenvalues, vectors = torch.linalg.eigh(input_gram.to(device=rows.device, dtype=torch.float64))
+            root = eigenvalues.clamp(min=1e-6 * eigenvalues.clamp(min=0).mean()).sqrt()
+            whitening, unwhitening = (vectors * root).to(rows), (vectors / root).T.to(rows)
         A = self.decaylora_A[adapter_name].weight
         B_module = self.decaylora_B[adapter_name]
         B = B_module.weight.view(B_module.weight.shape[0], -1)  # (rows of B, r): a Conv2d B is (out, r, 1, 1)
@@ -363,7 +365,7 @@ class DecayLoraLayer(BaseTunerLayer):
             root = (S[:k] / scaling).sqrt()
             right = Vh[:k]
             if whitening is not None:  # back from the whitened inputs: Vh L^-1
-                right = torch.linalg.solve_triangular(whitening, right, upper=False, left=False)
+                right = right @ unwhitening
             a = A[index * r : index * r + k]
             a.copy_((root[:, None] * right).reshape(a.shape))
             B[b_rows, :k] = (U[:, :k] * root).to(B.dtype)

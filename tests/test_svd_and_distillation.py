@@ -226,6 +226,16 @@ def test_activation_aware_init_is_the_best_rank_r_fit_on_the_calibration_inputs(
     assert error(model) < 0.8 * error(plain)  # the plain SVD of W fits the outputs clearly worse
 
 
+def test_activation_aware_init_with_fewer_calibration_rows_than_inputs_keeps_the_model():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(512, 32))
+    model = get_peft_model(copy.deepcopy(reference), DecayLoraConfig(r=4, target_modules=["0"], total_steps=TOTAL))
+    inputs = torch.nn.functional.gelu(torch.randn(64, 512) * 3 + 1)  # a singular second moment, as from few tokens
+    initialize_from_activations(model, [inputs])
+    torch.testing.assert_close(model(inputs), reference(inputs), rtol=1e-4, atol=1e-4)
+    assert model.base_model.model[0].decaylora_A["default"].weight.isfinite().all()
+
+
 def test_activation_aware_init_of_fused_slices_keeps_the_model_and_trains():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=24, n_layer=1, n_head=4, n_positions=16)).eval()
