@@ -100,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--decay-end", type=float, default=0.9, help="End of the decay, fraction of the run.")
     g.add_argument("--init", default="svd", choices=["svd", "zeros"],
                    help="'svd': the adapter starts at the top-r part of W and the residual decays; 'zeros': B = 0.")
+    g.add_argument("--rank-by-depth", type=float, default=None,
+                   help="rank_by_depth in [-1, 1]: -0.5 gives the bottom layer 1.5x the rank and the top one 0.5x "
+                        "(default: DecayLoraConfig's).")
     g.add_argument("--calibration-batches", type=int, default=0,
                    help="Training batches that refine the SVD split to the layers' inputs before training "
                         "(initialize_from_activations; 32 gained about 1 point at 4x); 0: the plain SVD split.")
@@ -285,6 +288,7 @@ def main(argv=None) -> dict:
         init_weights="svd" if args.init == "svd" else True,
         distillation="hidden_states" if args.distillation_weight else "off",
         distillation_weight=args.distillation_weight,
+        **({} if args.rank_by_depth is None else {"rank_by_depth": args.rank_by_depth}),
     )
     # The model before compression has the base model's architecture (merging writes d W + s B A + C into it).
     total_before, size_before = count_parameters(base), safetensors_size(base)
