@@ -66,7 +66,8 @@ class DecayLoraModel(BaseTuner):
         return self.model(*args, **kwargs)  # through __call__, so the distillation hooks run
 
     def _pre_injection_hook(self, model: nn.Module, config: DecayLoraConfig, adapter_name: str) -> None:
-        """Check every targeted module before any is replaced, so that a bad target leaves the model unchanged."""
+        """Check every targeted module before any is replaced, so that a bad target leaves the model unchanged, and
+        count the layer stack once for ``rank_by_depth``."""
         matched, unsupported, shared = [], [], []
         for key, module in model.named_modules():
             if not self._check_target_module_exists(config, key):
@@ -97,6 +98,7 @@ class DecayLoraModel(BaseTuner):
                 f"Target modules {sorted(config.target_modules)} match no module of the model. Modules DecayLoRA "
                 f"can adapt ({SUPPORTED_LAYERS}) are named: {candidates}."
             )
+        self._stack_depth = stack_depth(model, config.layers_pattern) if config.rank_by_depth else None
 
     def _prepare_adapter_config(self, config: DecayLoraConfig, model_config: dict) -> DecayLoraConfig:
         config = super()._prepare_adapter_config(config, model_config)
@@ -113,8 +115,7 @@ class DecayLoraModel(BaseTuner):
         if config.rank_by_depth:
             index = layer_index(current_key, config.layers_pattern)
             if index is not None:
-                r, lora_alpha = rank_at_depth(r, lora_alpha, config.rank_by_depth, index,
-                                              stack_depth(self.model, config.layers_pattern))
+                r, lora_alpha = rank_at_depth(r, lora_alpha, config.rank_by_depth, index, self._stack_depth)
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), r)
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
         lora_alpha = config.alpha_pattern.get(alpha_key, lora_alpha)
