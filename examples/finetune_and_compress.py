@@ -27,7 +27,7 @@ run, 2 epochs (642 steps of 32), lr 5e-4 with linear warm-up/decay; 10,252 train
 curve), 2,000 held-out test snippets (stratified, never used for choices made during the run). This is the best
 setting of ``benchmarks/quality.py`` (BENCHMARKS.md), which also lists what did worse.
 
-Measured with the defaults (torch 2.13 CPU, 2 cores; command 1 of the README in a fresh clone):
+Measured with the defaults (torch 2.13 CPU, 2 cores; a fresh clone set up by command 1 of the README):
                              DecayLoRA (PeftModel)  merged (original size)  compressed
   held-out accuracy                         0.8255                  0.8255      0.8255
   adapted-layer parameters                                      10,637,568   5,329,152
@@ -37,10 +37,10 @@ Measured with the defaults (torch 2.13 CPU, 2 cores; command 1 of the README in 
   wall time 622 s (training 512 s); the compressed model reloaded from disk gives identical logits.
 With ``--calibration-batches 0`` (the plain SVD split, the default before) it reached 0.8130, and with every layer
 distilled as well (``distillation_layers=None``, the default before that) 0.8175.
-With ``--epochs 1`` (with the plain SVD split and every layer distilled, the defaults then) it reached 0.7975. For reference, full fine-tuning reached 0.8155 in 1 epoch and 0.8273 in 2, and LoRA 0.79-0.82 in 1 epoch,
-on this split (original size). Before the SVD initialisation and distillation
-defaults, this script reached 0.777 on the feed-forward layers alone (r=96, 2 epochs), and 0.753 with attention
-added.
+With ``--epochs 1`` (with the plain SVD split and every layer distilled, the defaults then) it reached 0.7975. For
+reference, full fine-tuning reached 0.8155 in 1 epoch and 0.8273 in 2, and LoRA 0.79-0.82 in 1 epoch, on this split
+(original size). Before the SVD initialisation and distillation defaults, this script reached 0.777 on the
+feed-forward layers alone (r=96, 2 epochs), and 0.753 with attention added.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--calibration-batches", type=int, default=32,
                    help="Training batches that refine the SVD split to the layers' inputs before training "
                         "(initialize_from_activations; with 2 epochs it gained 0.8 points at 4x and kept 2x); "
-                        "0: the plain SVD split.")
+                        "0: the plain SVD split. Only with --init svd.")
     g.add_argument("--distillation-weight", type=float, default=3.0,
                    help="Weight of the hidden-state distillation from the pretrained network (0: none).")
     g = p.add_argument_group("training")
