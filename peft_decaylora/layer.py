@@ -347,8 +347,8 @@ class DecayLoraLayer(BaseTunerLayer):
             # G = V diag(e) V^T, L = V diag(sqrt e). Eigenvalues are floored: fewer calibration tokens than inputs, or
             # float rounding, leave G singular or slightly indefinite.
             eigenvalues, vectors = torch.linalg.eigh(input_gram.to(device=rows.device, dtype=torch.float64))
-            root = eigenvalues.clamp(min=1e-6 * eigenvalues.clamp(min=0).mean()).sqrt()
-            whitening, unwhitening = (vectors * root).to(rows), (vectors / root).T.to(rows)
+            spread = eigenvalues.clamp(min=1e-6 * eigenvalues.clamp(min=0).mean()).sqrt()
+            whitening, unwhitening = (vectors * spread).to(rows), (vectors / spread).T.to(rows)
         A = self.decaylora_A[adapter_name].weight
         B_module = self.decaylora_B[adapter_name]
         B = B_module.weight.view(B_module.weight.shape[0], -1)  # (rows of B, r): a Conv2d B is (out, r, 1, 1)
