@@ -219,6 +219,7 @@ class DecayLoraLayer(BaseTunerLayer):
         "decaylora_step",
         "decaylora_noise_mean",
         "decaylora_noise_std",
+        "decaylora_uniform_noise",
         "decaylora_adapted_rows",
         "decaylora_top_left",
         "decaylora_top_right",
@@ -242,6 +243,9 @@ class DecayLoraLayer(BaseTunerLayer):
         # Statistics of the frozen weight are derived from it, so they are not saved.
         self.decaylora_noise_mean = BufferDict({}, persistent=False)
         self.decaylora_noise_std = BufferDict({}, persistent=False)
+        # The same statistics as host floats when every row shares them (no fused slices, noise_stats="tensor"):
+        # the draw then scales and shifts in its own kernel, with no per-row tensors and no device read.
+        self.decaylora_uniform_noise: dict[str, tuple[float, float]] = {}
         # Fused projections whose slices are not all adapted: 1 for rows that decay, 0 for rows kept frozen.
         self.decaylora_adapted_rows = BufferDict({}, persistent=False)
         # With init_weights="svd" the base layer holds the residual W - top; top = left @ right (derived from W at
@@ -261,6 +265,8 @@ class DecayLoraLayer(BaseTunerLayer):
         # of training forwards since the step last changed (indexes the noise within a step).
         self._host_step: dict[str, tuple[torch.Tensor, int, int]] = {}
         self._forward_index: dict[str, int] = {}
+        # One noise generator per device, reseeded for every draw.
+        self._noise_generators: dict[torch.device, torch.Generator] = {}
         # Original base weight and bias while merged, so that unmerge is exact even at d = 0.
         self._unmerge_state: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
@@ -320,14 +326,24 @@ class DecayLoraLayer(BaseTunerLayer):
         if not config.bias_compensation:
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("decaylora_C",)}
         self.decaylora_step[adapter_name] = torch.zeros((), dtype=torch.long)
-        mean, std = weight_statistics(self.kind.weight(base), config.noise_stats, ids)
+        self._set_noise_statistics(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _set_noise_statistics(self, adapter_name: str) -> None:
+        """Mean and std of the frozen weight (the part that decays) that the noise of ``adapter_name`` matches."""
+        config, layout = self.decaylora_config[adapter_name], self.fused_layout.get(adapter_name)
+        weight = self.kind.weight(self.get_base_layer())
+        ids = None if layout is None else slice_ids(layout, self.out_features, self.layer_key)
+        mean, std = weight_statistics(weight, config.noise_stats, ids)
         if adapter_name in self.decaylora_adapted_rows:  # frozen slices get no noise and no mean shift
-            rows = self._as_weight_column(self.decaylora_adapted_rows[adapter_name], mean)
+            rows = self._as_weight_column(self.decaylora_adapted_rows[adapter_name].to(mean.device), mean)
             mean, std = mean * rows, std * rows
         self.decaylora_noise_mean[adapter_name] = mean
         self.decaylora_noise_std[adapter_name] = std
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self.decaylora_uniform_noise.pop(adapter_name, None)
+        if ids is None and config.noise_stats == "tensor":
+            self.decaylora_uniform_noise[adapter_name] = (mean.flatten()[0].item(), std.flatten()[0].item())
 
     @torch.no_grad()
     def _split_off_top(
@@ -384,6 +400,7 @@ class DecayLoraLayer(BaseTunerLayer):
         moment ``input_gram`` (``in x in``). Resets ``A`` and ``B``: see ``initialize_from_activations``."""
         self.restore_pretrained_weight()
         self._split_off_top(adapter_name, self.r[adapter_name], self.scaling[adapter_name], input_gram)
+        self._set_noise_statistics(adapter_name)  # the residual that decays changed
 
     def pretrained_weight(self) -> torch.Tensor:
         """The base layer's original weight (canonical layout): ``W``, also while it holds an SVD residual."""
@@ -476,15 +493,26 @@ class DecayLoraLayer(BaseTunerLayer):
         decay = self.row_decay(adapter_name, d)
         if torch.is_tensor(decay):
             decay = self._as_weight_column(decay.to(weight.dtype), weight)
-        mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
         if seed is None:
+            mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
             return torch.addcmul(mean, weight, decay) if torch.is_tensor(decay) else torch.add(mean, weight, alpha=d)
-        generator = torch.Generator(device=weight.device)
-        generator.manual_seed(seed)
-        noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
-        std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_std_scale
-        noise = noise.mul_(std).add_(mean)
+        noise = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+        generator = self._noise_generator(weight.device, seed)
+        if adapter_name in self.decaylora_uniform_noise:  # the draw itself scales and shifts: one kernel
+            mean, std = self.decaylora_uniform_noise[adapter_name]
+            noise.normal_((1.0 - d) * mean, noise_std_scale * std, generator=generator)
+        else:
+            std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_std_scale
+            mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
+            noise.normal_(generator=generator).mul_(std).add_(mean)
         return noise.addcmul_(weight, decay) if torch.is_tensor(decay) else noise.add_(weight, alpha=d)
+
+    def _noise_generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """This layer's generator for ``device``, seeded with ``seed``."""
+        generator = self._noise_generators.get(device)
+        if generator is None:
+            generator = self._noise_generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(seed)
 
     def _frozen_output(self, x: torch.Tensor, adapter_name: str, *args, **kwargs):
         """The frozen part ``d (W x + b) + N x`` as ``(output, factor)``, to be added as ``factor * output`` (the

@@ -226,6 +226,24 @@ def test_activation_aware_init_is_the_best_rank_r_fit_on_the_calibration_inputs(
     assert error(model) < 0.8 * error(plain)  # the plain SVD of W fits the outputs clearly worse
 
 
+def test_activation_aware_init_gives_the_noise_the_statistics_of_the_new_residual():
+    """The residual that decays changes with the calibration, and the noise must match the new one."""
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, lora_alpha=8, target_modules=["lin0"], total_steps=TOTAL,
+                                                          noise="keep"))
+    layer = model.base_model.model.lin0
+    plain_residual = layer.get_base_layer().weight.detach().clone()
+    initialize_from_activations(model, [torch.randn(256, 24) @ torch.diag(torch.logspace(0, -2, 24))])
+    residual = layer.get_base_layer().weight.detach()
+    assert residual.var().item() > 1.2 * plain_residual.var().item()  # so matching the old residual would fail
+    model.base_model.set_step(TOTAL // 2)
+    d, scale = layer.schedule_point("default")
+    noise = torch.stack([layer._effective_frozen_weight("default", d, scale, seed) - d * residual
+                         for seed in range(400)])
+    assert noise.mean().item() == pytest.approx((1 - d) * residual.mean().item(), abs=0.01 * residual.std().item())
+    assert noise.var(unbiased=False).item() == pytest.approx((1 - d**2) * residual.var(unbiased=False).item(), rel=0.03)
+
+
 def test_activation_aware_init_with_fewer_calibration_rows_than_inputs_keeps_the_model():
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(512, 32))
