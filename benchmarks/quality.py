@@ -15,7 +15,7 @@ all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-
   fades with d), ``-ln`` trains the LayerNorms too and ``-pool`` the pooler's Linear (``modules_to_save``; otherwise,
   as for LoRA and SVD, they stay frozen).
   ``decay-off-svd-kd --kd-layers 5:`` is the library's default (``distillation_layers=[-1]``: MiniLM's 6th layer) and
-  ``decay-off-svd-cal-kd --kd-layers 5:`` the main job's;
+  ``decay-off-svd-cal-kd --kd-layers 5: --depth-slope -0.5`` the main job's;
   ``--kd-layers all`` (the knob's default, so that older runs keep their meaning) distils every layer.
   Accuracy is measured on the *compressed* model (``compress_and_unload()``); ``decay-keep`` keeps its noise
   mean, so it is merged instead.
