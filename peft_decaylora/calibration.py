@@ -46,7 +46,8 @@ def initialize_from_activations(
 
     The model's output is unchanged (``W`` is still split exactly into top part and residual); what changes is which
     part decays. Supported for Linear, Conv1D and fused layers; each layer keeps an ``in x in`` second-moment matrix
-    while the batches run.
+    while the batches run. The fitted split is saved with the adapter (its top part, as many values as ``A`` and
+    ``B``), since loading cannot derive it from ``W`` as it does the plain SVD split.
     """
     layers = {name: module for name, module in model.named_modules()
               if isinstance(module, DecayLoraLayer) and adapter_name in module.decaylora_top_left}

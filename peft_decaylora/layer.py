@@ -267,6 +267,7 @@ class DecayLoraLayer(BaseTunerLayer):
         self._forward_index: dict[str, int] = {}
         # One noise generator per device, reseeded for every draw.
         self._noise_generators: dict[torch.device, torch.Generator] = {}
+        self.register_load_state_dict_pre_hook(DecayLoraLayer._load_saved_split)
         # Original base weight and bias while merged, so that unmerge is exact even at d = 0.
         self._unmerge_state: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
@@ -401,6 +402,40 @@ class DecayLoraLayer(BaseTunerLayer):
         self.restore_pretrained_weight()
         self._split_off_top(adapter_name, self.r[adapter_name], self.scaling[adapter_name], input_gram)
         self._set_noise_statistics(adapter_name)  # the residual that decays changed
+        self._save_top_with_adapter(adapter_name)
+
+    def _save_top_with_adapter(self, adapter_name: str) -> None:
+        """Make the top part of ``adapter_name``'s split part of the state dict. A split fitted to data cannot be
+        derived from ``W`` again when the adapter is loaded (the plain SVD split can); it costs as many values as A
+        and B, and ``_load_saved_split`` splits ``W`` with it on loading."""
+        for factors in (self.decaylora_top_left, self.decaylora_top_right):
+            factors.register_buffer(adapter_name, factors[adapter_name], persistent=True)
+
+    @staticmethod
+    def _load_saved_split(layer, state_dict, prefix, *args) -> None:
+        """Before loading a state dict that carries a saved top part (an activation-aware split), split ``W`` with
+        it, so that the residual that decays is the one the adapter was trained with."""
+        for name in list(layer.decaylora_top_left.keys()):
+            # With the adapter name, or without it: PEFT maps a checkpoint key to the adapter's only where the fresh
+            # adapter already has that key, and a fresh adapter holds the plain split, which is not saved.
+            named = [f"{prefix}decaylora_top_{side}.{name}" for side in ("left", "right")]
+            unnamed = [f"{prefix}decaylora_top_{side}" for side in ("left", "right")]
+            keys = named if all(key in state_dict for key in named) else unnamed
+            if not all(key in state_dict for key in keys):
+                continue
+            for key, target in zip(keys, named):  # under the adapter's name, so that loading fills the buffers
+                state_dict[target] = state_dict.pop(key)
+            layer._save_top_with_adapter(name)
+            if layer.merged:
+                layer.unmerge()
+            weight = layer.pretrained_weight()
+            left, right = (state_dict[key].to(device=weight.device, dtype=torch.float32) for key in named)
+            if (left.shape, right.shape) != (layer.decaylora_top_left[name].shape, layer.decaylora_top_right[name].shape):
+                continue  # loading reports the size mismatch, naming the key
+            residual = weight.float() - (left @ right).reshape(weight.shape)
+            base = layer.get_base_layer()
+            base.weight.data = layer.kind.stored_weight(base, residual.to(weight.dtype))
+            layer._set_noise_statistics(name)  # loading then fills the top part's buffers with left and right
 
     def pretrained_weight(self) -> torch.Tensor:
         """The base layer's original weight (canonical layout): ``W``, also while it holds an SVD residual."""

@@ -277,12 +277,13 @@ def test_half_precision_base_model(dtype):
     base = TwoLayerNet().to(dtype)
     reference = copy.deepcopy(base)
     model = get_peft_model(base, DecayLoraConfig(r=4, target_modules=["lin0", "lin1"], total_steps=100,
-                                                 init_weights=True))
+                                                 init_weights=True, noise="vanish"))
     x = torch.randn(4, 24, dtype=dtype)
     model.eval()
     assert torch.equal(model(x), reference(x))
     model.base_model.set_step(50)
     model.train()
+    assert model.base_model.schedule_state()["noise_active"]  # the noise is drawn in the model's dtype
     out = model(x)
     assert out.dtype == dtype and torch.isfinite(out).all()
     out.float().sum().backward()

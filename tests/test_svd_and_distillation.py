@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -97,6 +98,37 @@ def test_saved_svd_adapter_reloads_on_a_fresh_base(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
     torch.testing.assert_close(loaded(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_aware_split_is_saved_so_a_mid_run_checkpoint_reloads_exactly(tmp_path):
+    """A split fitted to data cannot be derived from W on loading, so its top part travels with the adapter."""
+    torch.manual_seed(0)
+    config = DecayLoraConfig(r=4, target_modules=["lin0"], total_steps=TOTAL, noise="vanish")
+    reference = TwoLayerNet()
+    model = get_peft_model(copy.deepcopy(reference), config)
+    inputs = torch.randn(64, 24) @ torch.diag(torch.logspace(0, -2, 24))
+    initialize_from_activations(model, [inputs])
+    model.base_model.set_step(TOTAL // 2)  # d = 0.5: half of the residual still counts
+    model.eval()
+    expected = model(inputs)
+    model.save_pretrained(tmp_path / "calibrated")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "calibrated").eval()
+    torch.testing.assert_close(loaded(inputs), expected, rtol=1e-5, atol=1e-5)
+    layer, loaded_layer = model.base_model.model.lin0, loaded.base_model.model.lin0
+    # the noise matches the residual of the saved split
+    assert loaded_layer.decaylora_uniform_noise["default"] == pytest.approx(layer.decaylora_uniform_noise["default"],
+                                                                            rel=1e-5)
+    # a full state dict (as a Trainer checkpoint of the whole model) loads into a fresh adapter the same way
+    fresh = get_peft_model(copy.deepcopy(reference), config).eval()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(inputs), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.unload().lin0.weight, reference.lin0.weight, rtol=0, atol=1e-6)
+    # the plain split is derived from W again, so it is not saved
+    get_peft_model(copy.deepcopy(reference), config).save_pretrained(tmp_path / "plain")
+    saved = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in ("plain", "calibrated")}
+    assert not any("top" in key for key in saved["plain"])
+    assert {key for key in saved["calibrated"] if "top" in key} == {"base_model.model.lin0.decaylora_top_left",
+                                                                   "base_model.model.lin0.decaylora_top_right"}
 
 
 def test_a_second_adapter_next_to_an_svd_one_is_refused_and_changes_nothing():
