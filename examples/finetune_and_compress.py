@@ -20,12 +20,13 @@ packaged ones (``--model sentence-transformers/all-MiniLM-L6-v2 --dataset cornel
 
 Defaults: DecayLoRA r=128 (lora_alpha=128) on average on every Linear of the encoder (query, key, value, attention
 output and the feed-forward block of all 6 layers: 2x fewer parameters in those layers; ``rank_by_depth=-0.5`` gives
-the bottom layer rank 192 and the top one 64), the classifier trained in full, the adapter initialised from the top-128 SVD part of each weight (the residual decays), that split refined on the
-activations of 32 training batches (``initialize_from_activations``), distillation of the last
-layer's hidden states from the pretrained network (weight 3), noise off, d from 1 to 0 between 10% and 90% of the
-run, 2 epochs (642 steps of 32), lr 5e-4 with linear warm-up/decay; 10,252 training, 500 validation (for the
-curve), 2,000 held-out test snippets (stratified, never used for choices made during the run). This is the best
-setting of ``benchmarks/quality.py`` (BENCHMARKS.md), which also lists what did worse.
+the bottom layer rank 192 and the top one 64), the classifier trained in full, the adapter initialised from the top-r
+SVD part of each weight (the residual decays), that split refined on the activations of 32 training batches
+(``initialize_from_activations``), distillation of the last layer's hidden states from the pretrained network
+(weight 3), noise off, d from 1 to 0 between 10% and 90% of the run, 2 epochs (642 steps of 32), lr 5e-4 with linear
+warm-up/decay; 10,252 training, 500 validation (for the curve), 2,000 held-out test snippets (stratified, never used
+for choices made during the run). This is the best setting of ``benchmarks/quality.py`` (BENCHMARKS.md), which also
+lists what did worse.
 
 Measured with the defaults (torch 2.13 CPU, 2 cores; a fresh clone set up by command 1 of the README):
                              DecayLoRA (PeftModel)  merged (original size)  compressed

@@ -13,14 +13,17 @@ restores the schedule. The two entry points here only *move* it, once per real o
 from __future__ import annotations
 
 import inspect
+import itertools
 import warnings
-from typing import Optional
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback
 
+from .calibration import initialize_from_activations
 from .layer import DecayLoraLayer
 from .schedule import is_resolvable, schedule_bounds
 
@@ -117,6 +120,23 @@ def _check_resolvable(targets, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- custom loops
+def _calibration_batches(train_dataloader, args, count: int) -> Iterator[Any]:
+    """``count`` batches of the Trainer's training data, sampled with the run's seed from a generator of their own
+    (the global RNG, and so the training order, is untouched; every process draws the same), on the run's device."""
+    dataset, batch_size = train_dataloader.dataset, args.per_device_train_batch_size
+    sampler = None
+    if not isinstance(dataset, torch.utils.data.IterableDataset):  # an iterable dataset gives its first batches
+        size = min(len(dataset), count * batch_size)
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=size,
+                                                 generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         collate_fn=train_dataloader.collate_fn)
+    for batch in itertools.islice(loader, count):
+        if isinstance(batch, Mapping):
+            batch = {key: value.to(args.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        yield batch
+
+
 def _innermost_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer under Accelerate's ``AcceleratedOptimizer`` (and similar wrappers holding ``optimizer``).
 
@@ -187,13 +207,20 @@ class DecayLoraCallback(TrainerCallback):
     * It adds ``decay_factor`` and ``noise_scale`` (noise std as a multiple of the weight's) to the training logs, so
       they reach the progress bar, ``trainer.state.log_history`` and the reporting integrations (TensorBoard, W&B...)
       like ``learning_rate`` does.
+    * With ``calibration_batches``, at the start of a run (not of a resumed one, whose checkpoint carries the split)
+      it refines the SVD split of an ``init_weights="svd"`` adapter on that many training batches
+      (:func:`initialize_from_activations`), sampled with ``args.seed`` without touching the training order.
 
     Args:
         log (`bool`): Add the schedule to the logs (default True).
+        calibration_batches (`int`): Training batches for the activation-aware initialisation; 0 (default) skips it.
     """
 
-    def __init__(self, log: bool = True):
+    def __init__(self, log: bool = True, calibration_batches: int = 0):
+        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 0:
+            raise ValueError(f"`calibration_batches` must be an integer >= 0, got {calibration_batches!r}.")
         self.log_schedule = log
+        self.calibration_batches = calibration_batches
 
     # The Trainer appends user callbacks after its reporting integrations, which would then log before this callback
     # adds its values. The handler that is calling us is the frame above; moving this callback to the front of its
@@ -217,7 +244,7 @@ class DecayLoraCallback(TrainerCallback):
         if self.log_schedule:
             self._run_first()
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if self.log_schedule:
             self._run_first()
         targets = _schedule_targets(model)
@@ -225,6 +252,10 @@ class DecayLoraCallback(TrainerCallback):
             _fill_total_steps(model, targets, state.max_steps, override=False)
         _check_resolvable(targets, "The Trainer did not report `max_steps`; set `DecayLoraConfig(total_steps=...)`.")
         _set_step(targets, state.global_step)
+        if self.calibration_batches and state.global_step == 0:
+            for adapter_name in dict.fromkeys(name for _, name in targets):
+                batches = _calibration_batches(train_dataloader, args, self.calibration_batches)
+                initialize_from_activations(_unwrap_model(model), batches, adapter_name=adapter_name)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         _set_step(_schedule_targets(model), state.global_step)

@@ -170,6 +170,51 @@ def test_callback_keeps_explicit_total_steps_and_rejects_non_decaylora_models(tm
         trainer.train()
 
 
+def calibration_sample(dataset, count, batch_size, seed=0):
+    """The batches that ``DecayLoraCallback(calibration_batches=count)`` documents: drawn with the run's seed."""
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=count * batch_size,
+                                             generator=torch.Generator().manual_seed(seed))
+    return list(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler))
+
+
+def test_callback_calibration_is_the_activation_aware_split_keeps_the_order_and_survives_resume(tmp_path):
+    data = Tokens(24)
+
+    def run(out, calibration_batches=0, by_hand=None, resume=None):
+        model = make_model()
+        if by_hand is not None:
+            peft_decaylora.initialize_from_activations(model, by_hand)
+        args = trainer_args(out, max_steps=6, save_strategy="steps", save_steps=3)
+        trainer = Trainer(model=model, args=args, train_dataset=data,
+                          callbacks=[DecayLoraCallback(calibration_batches=calibration_batches)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+    calibrated, losses = run(tmp_path / "callback", calibration_batches=3)
+    by_hand, hand_losses = run(tmp_path / "by_hand", by_hand=calibration_sample(data, 3, 2))
+    # the same split, then the same batches in the same order: the sampling left the training order alone
+    assert losses == pytest.approx(hand_losses, rel=1e-6)
+    weights, hand_weights = calibrated.state_dict(), by_hand.state_dict()
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.decaylora_top_left.default" in weights
+    for key in weights:
+        torch.testing.assert_close(weights[key], hand_weights[key], rtol=1e-5, atol=1e-6)
+    plain, _ = run(tmp_path / "plain")
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.decaylora_A.default.weight"
+    assert (plain.state_dict()[key] - weights[key]).abs().max() > 1e-2  # the calibration changed the split
+    # a resumed run does not calibrate again: the checkpoint carries the split it was trained with
+    resumed, resumed_losses = run(tmp_path / "resumed", calibration_batches=3,
+                                  resume=str(tmp_path / "callback" / "checkpoint-3"))
+    assert [resumed_losses[step] for step in (4, 5, 6)] == pytest.approx([losses[step] for step in (4, 5, 6)], rel=1e-5)
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=1e-5, atol=1e-6)
+
+
+def test_callback_rejects_a_bad_calibration_count():
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="`calibration_batches`"):
+            DecayLoraCallback(calibration_batches=bad)
+
+
 # ------------------------------------------------------------------------------------------ plain PyTorch loops
 def test_attach_schedule_requires_a_length_and_steps_once_per_optimizer_step():
     model = make_model()
