@@ -119,7 +119,6 @@ def _check_resolvable(targets, what: str) -> None:
             )
 
 
-# ----------------------------------------------------------------------------------------------- custom loops
 def _calibration_batches(train_dataloader, args, count: int) -> Iterator[Any]:
     """``count`` batches of the Trainer's training data, sampled with the run's seed from a generator of their own
     (the global RNG, and so the training order, is untouched; every process draws the same), on the run's device."""
@@ -137,6 +136,7 @@ def _calibration_batches(train_dataloader, args, count: int) -> Iterator[Any]:
         yield batch
 
 
+# ----------------------------------------------------------------------------------------------- custom loops
 def _innermost_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer under Accelerate's ``AcceleratedOptimizer`` (and similar wrappers holding ``optimizer``).
 
