@@ -206,6 +206,22 @@ def noise_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def build_frozen_weight(weight, decay, mean, std, generator: Optional[torch.Generator], seed: Optional[int]):
+    """``decay W + N(mean, std)`` with the noise drawn from ``seed``, or ``decay W + mean`` when ``seed`` is None.
+
+    ``decay``, ``mean`` and ``std`` are floats or per-row columns; float statistics draw in one kernel.
+    """
+    if seed is None:
+        return torch.addcmul(mean, weight, decay) if torch.is_tensor(decay) else torch.add(mean, weight, alpha=decay)
+    generator.manual_seed(seed)
+    noise = torch.empty_like(weight)
+    if torch.is_tensor(std):
+        noise.normal_(generator=generator).mul_(std).add_(mean)
+    else:
+        noise.normal_(mean, std, generator=generator)
+    return noise.addcmul_(weight, decay) if torch.is_tensor(decay) else noise.add_(weight, alpha=decay)
+
+
 class DecayLoraLayer(BaseTunerLayer):
     """Adapter state of one adapted layer, per adapter name."""
 
@@ -519,52 +535,47 @@ class DecayLoraLayer(BaseTunerLayer):
         self._forward_index[adapter_name] = index
         return noise_seed(self.decaylora_config[adapter_name].noise_seed, self._layer_seed, step, index)
 
-    def _effective_frozen_weight(
-        self, adapter_name: str, d: float, noise_std_scale: float, seed: Optional[int]
-    ) -> torch.Tensor:
-        """``d W + N`` with the noise (std ``noise_std_scale`` times W's) drawn from ``seed``, or its expectation
-        ``d W + (1 - d) m`` when None."""
-        weight = self.kind.weight(self.get_base_layer()).detach()
+    def _frozen_weight_builder(
+        self, base: nn.Module, adapter_name: str, d: float, noise_std_scale: float, seed: Optional[int]
+    ) -> functools.partial:
+        """A function that builds ``d W + N``, the noise (std ``noise_std_scale`` times W's) drawn from ``seed``, or
+        its expectation ``d W + (1 - d) m`` when None. Everything it reads is bound now, so the backward rebuilds
+        exactly the forward's weight, with no lookups."""
+        weight = self.kind.weight(base).detach()
         decay = self.row_decay(adapter_name, d)
         if torch.is_tensor(decay):
             decay = self._as_weight_column(decay.to(weight.dtype), weight)
-        if seed is None:
-            mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
-            return torch.addcmul(mean, weight, decay) if torch.is_tensor(decay) else torch.add(mean, weight, alpha=d)
-        noise = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
-        generator = self._noise_generator(weight.device, seed)
-        if adapter_name in self.decaylora_uniform_noise:  # the draw itself scales and shifts: one kernel
+        if seed is not None and adapter_name in self.decaylora_uniform_noise:
             mean, std = self.decaylora_uniform_noise[adapter_name]
-            noise.normal_((1.0 - d) * mean, noise_std_scale * std, generator=generator)
+            mean, std = (1.0 - d) * mean, noise_std_scale * std
         else:
-            std = self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_std_scale
             mean = self.decaylora_noise_mean[adapter_name].to(weight.dtype) * (1.0 - d)
-            noise.normal_(generator=generator).mul_(std).add_(mean)
-        return noise.addcmul_(weight, decay) if torch.is_tensor(decay) else noise.add_(weight, alpha=d)
+            std = None if seed is None else self.decaylora_noise_std[adapter_name].to(weight.dtype) * noise_std_scale
+        generator = None if seed is None else self._noise_generator(weight.device)
+        return functools.partial(build_frozen_weight, weight, decay, mean, std, generator, seed)
 
-    def _noise_generator(self, device: torch.device, seed: int) -> torch.Generator:
-        """This layer's generator for ``device``, seeded with ``seed``."""
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        """This layer's generator for ``device`` (reseeded for every draw)."""
         generator = self._noise_generators.get(device)
         if generator is None:
             generator = self._noise_generators[device] = torch.Generator(device=device)
-        return generator.manual_seed(seed)
+        return generator
 
     def _frozen_output(self, x: torch.Tensor, adapter_name: str, *args, **kwargs):
         """The frozen part ``d (W x + b) + N x`` as ``(output, factor)``, to be added as ``factor * output`` (the
         scaling by d rides on that addition); ``output`` is None when the part is exactly zero (d = 0, no noise)."""
-        base = self.get_base_layer()
         d, noise_std_scale = self.schedule_point(adapter_name)
         if d == 1.0:
-            return base(x, *args, **kwargs), 1.0
+            return self.base_layer(x, *args, **kwargs), 1.0
         decay = self.row_decay(adapter_name, d)
         if noise_std_scale == 0.0:
             if torch.is_tensor(decay):
-                return base(x, *args, **kwargs) * self.kind.channel_view(decay), 1.0
-            return (None if d == 0.0 else base(x, *args, **kwargs)), d
-        seed = self._noise_generator_seed(adapter_name) if self.training else None
+                return self.base_layer(x, *args, **kwargs) * self.kind.channel_view(decay), 1.0
+            return (None if d == 0.0 else self.base_layer(x, *args, **kwargs)), d
+        base = self.base_layer if not isinstance(self.base_layer, BaseTunerLayer) else self.get_base_layer()
         bias = None if base.bias is None else base.bias * decay
-        # everything the weight depends on is fixed now, so the backward rebuilds exactly this forward's weight
-        make_weight = functools.partial(self._effective_frozen_weight, adapter_name, d, noise_std_scale, seed)
+        seed = self._noise_generator_seed(adapter_name) if self.training else None
+        make_weight = self._frozen_weight_builder(base, adapter_name, d, noise_std_scale, seed)
         return RebuiltWeightProduct.apply(x, bias, self.kind, base, make_weight), 1.0
 
     # ------------------------------------------------------------------------------------------------ merging
@@ -641,7 +652,10 @@ class DecayLoraLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------------------------------------ forward
     def _active_adapter_name(self) -> Optional[str]:
-        active = [name for name in self.active_adapters if name in self.decaylora_A]
+        active = self.active_adapters
+        if len(active) == 1:  # the common case, without building a list every forward
+            return active[0] if active[0] in self.decaylora_A else None
+        active = [name for name in active if name in self.decaylora_A]
         if len(active) > 1:
             raise ValueError(
                 f"DecayLoRA runs one active adapter at a time (each adapter decays the frozen weight), but {active} "
@@ -671,15 +685,18 @@ class DecayLoraLayer(BaseTunerLayer):
         previous_dtype = x.dtype
         frozen, factor = self._frozen_output(x, adapter_name, *args, **kwargs)
         A, B = self.decaylora_A[adapter_name], self.decaylora_B[adapter_name]
-        x_adapter = self._cast_input_dtype(self.decaylora_dropout[adapter_name](x), A.weight.dtype)
+        dropout = self.decaylora_dropout[adapter_name]
+        x_adapter = self._cast_input_dtype(x if isinstance(dropout, nn.Identity) else dropout(x), A.weight.dtype)
         h = A(x_adapter)
         if self.scaling[adapter_name] != 1.0:
             h = h * self.scaling[adapter_name]  # scale the rank-r activations, the cheapest place
         C = self.decaylora_C[adapter_name]
         result = B(h, C) if isinstance(B, SlicedUpProjection) else self.kind.up_projection(B, h, C)
         if frozen is not None:
-            result = torch.add(result.to(frozen.dtype), frozen, alpha=factor)
-        return result.to(previous_dtype)
+            if result.dtype != frozen.dtype:
+                result = result.to(frozen.dtype)
+            result = torch.add(result, frozen, alpha=factor)
+        return result if result.dtype == previous_dtype else result.to(previous_dtype)
 
     def __repr__(self) -> str:
         return "decaylora." + super().__repr__()

@@ -272,9 +272,11 @@ def test_conv_noise_folds_into_the_kernel_with_the_right_statistics(noise_stats)
     model.base_model.set_step(50)
     layer = model.base_model.model.conv2
     layer.train()
-    W = layer.get_base_layer().weight.detach()
+    base = layer.get_base_layer()
+    W = base.weight.detach()
     d, scale = layer.schedule_point("default")
-    noise = torch.stack([layer._effective_frozen_weight("default", d, scale, seed) - 0.5 * W for seed in range(200)])
+    noise = torch.stack([layer._frozen_weight_builder(base, "default", d, scale, seed)() - 0.5 * W
+                         for seed in range(200)])
     dims = (0, 2, 3, 4)
     if noise_stats == "tensor":
         assert noise.var().item() == pytest.approx(0.75 * W.var(unbiased=False).item(), rel=0.05)
@@ -284,11 +286,11 @@ def test_conv_noise_folds_into_the_kernel_with_the_right_statistics(noise_stats)
     # the layer's forward uses exactly this weight: one convolution with the folded kernel
     x = torch.randn(2, 16, 9, 9)
     layer._forward_index.clear()
-    weight = layer._effective_frozen_weight("default", d, scale, layer._noise_generator_seed("default"))
+    weight = layer._frozen_weight_builder(base, "default", d, scale, layer._noise_generator_seed("default"))()
     layer._forward_index.clear()
     with torch.no_grad():
         out = layer(x)
-    torch.testing.assert_close(out, layer.get_base_layer()._conv_forward(x, weight, None), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, base._conv_forward(x, weight, None), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -313,7 +315,7 @@ def test_noisy_weight_is_rebuilt_in_backward_not_saved(make_base, input_shape):
     layer.train()
     layer._forward_index.clear()
     seed = layer._noise_generator_seed("default")
-    weight = layer._effective_frozen_weight("default", *layer.schedule_point("default"), seed)
+    weight = layer._frozen_weight_builder(base, "default", *layer.schedule_point("default"), seed)()
     layer._forward_index.clear()
     x = torch.randn(input_shape, requires_grad=True)
     saved_sizes = []  # elements of every tensor autograd keeps (a transposed view of the weight counts too)

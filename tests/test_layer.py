@@ -79,6 +79,30 @@ def test_noise_keeps_mean_and_variance_of_the_weight(noise, noise_stats, step):
     assert not torch.equal(draws[0], draws[1])
 
 
+@pytest.mark.parametrize("noise_stats", ["tensor", "channel"])
+@pytest.mark.parametrize("step", [500, 896])  # d = 0.5 and d = 0.005
+def test_noisy_training_forward_is_the_formula_with_the_drawn_noise(step, noise_stats):
+    """``d (W x + b) + N x + s B A x + C``, with N the draw of that forward's seed."""
+    model, _ = make(noise="keep", noise_stats=noise_stats)
+    model.base_model.set_step(step)
+    layer = model.base_model.model.lin0
+    base = layer.get_base_layer()
+    d, scale = layer.schedule_point("default")
+    assert d == pytest.approx(0.5 if step == 500 else 0.005)
+    layer.train()
+    layer._forward_index.clear()
+    noisy_weight = layer._frozen_weight_builder(base, "default", d, scale, layer._noise_generator_seed("default"))()
+    noise = noisy_weight - d * base.weight
+    assert noise.std().item() > 0.5 * base.weight.std().item()  # a real draw, not the expectation
+    layer._forward_index.clear()
+    x = torch.randn(16, 24)
+    with torch.no_grad():
+        out = layer(x)
+        A, B, C = layer.decaylora_A["default"].weight, layer.decaylora_B["default"].weight, layer.decaylora_C["default"]
+        expected = d * (x @ base.weight.T + base.bias) + x @ noise.T + layer.scaling["default"] * x @ A.T @ B.T + C
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_channel_and_tensor_statistics_differ():
     """The test net's rows have different scales, so per-channel noise must not look like per-tensor noise."""
     variances = {}

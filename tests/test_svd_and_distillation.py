@@ -266,11 +266,12 @@ def test_activation_aware_init_gives_the_noise_the_statistics_of_the_new_residua
     layer = model.base_model.model.lin0
     plain_residual = layer.get_base_layer().weight.detach().clone()
     initialize_from_activations(model, [torch.randn(256, 24) @ torch.diag(torch.logspace(0, -2, 24))])
-    residual = layer.get_base_layer().weight.detach()
+    base = layer.get_base_layer()
+    residual = base.weight.detach()
     assert residual.var().item() > 1.2 * plain_residual.var().item()  # so matching the old residual would fail
     model.base_model.set_step(TOTAL // 2)
     d, scale = layer.schedule_point("default")
-    noise = torch.stack([layer._effective_frozen_weight("default", d, scale, seed) - d * residual
+    noise = torch.stack([layer._frozen_weight_builder(base, "default", d, scale, seed)() - d * residual
                          for seed in range(400)])
     assert noise.mean().item() == pytest.approx((1 - d) * residual.mean().item(), abs=0.01 * residual.std().item())
     assert noise.var(unbiased=False).item() == pytest.approx((1 - d**2) * residual.var(unbiased=False).item(), rel=0.03)
