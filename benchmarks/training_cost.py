@@ -11,7 +11,14 @@ is on a large GPU, the step time follows that count rather than the arithmetic.
 Targets (issue 6): step time at most 1.10x LoRA's while noise is on, 1.02x without noise, below LoRA at d = 0;
 memory at most 1.05x LoRA's.
 
+``--host-bound`` runs a proxy for a launch-bound GPU on the CPU: MiniLM's architecture (the same layers, modules
+and adapters) shrunk to width 16 with random weights, one 8-token example, one thread. The arithmetic then costs
+next to nothing, so a step costs what the host spends dispatching it, which is what bounds MiniLM's step on a large
+GPU. AdamW is the fused one there: on the CPU the multi-tensor (foreach) AdamW loops over its tensors one by one,
+which CUDA's multi-tensor kernels do not.
+
     python benchmarks/training_cost.py                  # CPU, writes the table into BENCHMARKS.md
+    python benchmarks/training_cost.py --host-bound     # the host-bound proxy on the CPU
     python benchmarks/training_cost.py --device cuda    # GPU rows
 """
 
@@ -91,10 +98,20 @@ def main():
     parser.add_argument("--data", default=None, help="a csv (text, label/category) instead of the packaged corpus")
     parser.add_argument("--distillation", action="store_true",
                         help="DecayLoRA with distillation='hidden_states' (one extra teacher forward per step)")
+    parser.add_argument("--host-bound", action="store_true",
+                        help="the host-bound proxy: MiniLM's architecture at width 16, random weights, batch 1 x 8 "
+                             "tokens, one thread, fused AdamW (see above)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not update BENCHMARKS.md")
     args = parser.parse_args()
 
     base, tokenizer = load_minilm(args.model)
+    if args.host_bound:
+        if args.device != "cpu":
+            parser.error("--host-bound is a CPU proxy for a launch-bound GPU; on a GPU, measure the GPU itself")
+        torch.set_num_threads(1)
+        args.batch, args.max_length = 1, 8
+        args.rounds, args.repeats = max(args.rounds, 15), max(args.repeats, 10)
+        base = shrunk(base)
     batch = {k: v.to(args.device) for k, v in text_batch(tokenizer, args.batch, args.max_length, source=args.data).items()}
     batch["labels"] = torch.arange(args.batch, device=args.device) % 2
     common = dict(r=args.r, lora_alpha=args.r, target_modules=MINILM_TARGETS, modules_to_save=["classifier"])
@@ -106,8 +123,11 @@ def main():
     optimizers = {}
     for name, model in models.items():
         model.to(args.device).train()
-        # foreach: the multi-tensor AdamW that CUDA uses by default, on CPU too, so the operator counts agree
-        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+        # foreach: the multi-tensor AdamW that CUDA uses by default, on CPU too, so the operator counts agree; the
+        # proxy's fused AdamW costs the host per tensor about what CUDA's multi-tensor kernels do
+        multi_tensor = {"fused": True} if args.host_bound else {"foreach": True}
+        optimizers[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                             **multi_tensor)
 
     def step(name):
         def run():
@@ -131,24 +151,44 @@ def main():
             for name in models:
                 times[name].append(median_time(step(name), args.repeats, args.device))
         lora_t, decay_t = (sorted(times[n])[len(times[n]) // 2] for n in ("LoRA", "DecayLoRA"))
-        lora_m, decay_m = memory(step("LoRA"), models["LoRA"]), memory(step("DecayLoRA"), models["DecayLoRA"])
         lora_k, decay_k = kernels_per_step(step("LoRA")), kernels_per_step(step("DecayLoRA"))
-        rows.append([phase, f"{lora_t * 1e3:.1f}", f"{decay_t * 1e3:.1f}", f"{decay_t / lora_t:.3f}",
-                     f"{lora_m / 2**20:.1f}", f"{decay_m / 2**20:.1f}", f"{decay_m / lora_m:.3f}",
-                     lora_k, decay_k, f"{decay_k / lora_k:.2f}"])
-    header = ["phase", "LoRA step ms", "DecayLoRA step ms", "time ratio", f"LoRA MiB ({memory_label})",
-              "DecayLoRA MiB", "memory ratio", "LoRA operators", "DecayLoRA operators", "operator ratio"]
+        row = [phase, f"{lora_t * 1e3:.1f}", f"{decay_t * 1e3:.1f}", f"{decay_t / lora_t:.3f}"]
+        if not args.host_bound:  # the proxy's tensors are not the model's: its memory means nothing
+            lora_m, decay_m = memory(step("LoRA"), models["LoRA"]), memory(step("DecayLoRA"), models["DecayLoRA"])
+            row += [f"{lora_m / 2**20:.1f}", f"{decay_m / 2**20:.1f}", f"{decay_m / lora_m:.3f}"]
+        rows.append(row + [lora_k, decay_k, f"{decay_k / lora_k:.2f}"])
+    header = ["phase", "LoRA step ms", "DecayLoRA step ms", "time ratio"]
+    if not args.host_bound:
+        header += [f"LoRA MiB ({memory_label})", "DecayLoRA MiB", "memory ratio"]
+    header += ["LoRA operators", "DecayLoRA operators", "operator ratio"]
     table = markdown_table(header, rows)
-    description = (
-        f"all-MiniLM-L6-v2, r={args.r} on {', '.join(MINILM_TARGETS)}, classifier trained, batch {args.batch} x "
-        f"{args.max_length} tokens, AdamW; median of {args.rounds} interleaved rounds of {args.repeats} steps."
-    )
+    targets = f"r={args.r} on {', '.join(MINILM_TARGETS)}, classifier trained"
+    rounds = f"median of {args.rounds} interleaved rounds of {args.repeats} steps."
+    if args.host_bound:
+        description = (f"the host-bound proxy: all-MiniLM-L6-v2's architecture at width 16 (random weights), {targets}, "
+                       f"batch 1 x 8 tokens, one thread, fused AdamW; {rounds} A step costs its dispatch, as on a "
+                       "launch-bound GPU.")
+    else:
+        description = f"all-MiniLM-L6-v2, {targets}, batch {args.batch} x {args.max_length} tokens, AdamW; {rounds}"
     if args.distillation:
         description += " DecayLoRA distils the pretrained network's hidden states (a teacher forward per step)."
-    section, title = ("training-cost-kd", "Training cost with distillation") if args.distillation else (
-        "training-cost", "Training cost")
-    report(section, "training_cost.py" + (" --distillation" if args.distillation else ""), args,
-           title + " against PEFT LoRA", description, table)
+    section = "training-cost" + ("-kd" if args.distillation else "") + ("-host-bound" if args.host_bound else "")
+    title = "Training cost" + (" with distillation" if args.distillation else "") + " against PEFT LoRA" + (
+        ", host-bound proxy" if args.host_bound else "")
+    script = "training_cost.py" + (" --distillation" if args.distillation else "") + (
+        " --host-bound" if args.host_bound else "")
+    report(section, script, args, title, description, table)
+
+
+def shrunk(model):
+    """``model``'s architecture at width 16 (2 heads, feed-forward 32), freshly initialised: every layer and module
+    is there, the arithmetic is negligible."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.intermediate_size, config.num_attention_heads = 16, 32, 2
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config)
 
 
 if __name__ == "__main__":
