@@ -165,9 +165,9 @@ def main():
     targets = f"r={args.r} on {', '.join(MINILM_TARGETS)}, classifier trained"
     rounds = f"median of {args.rounds} interleaved rounds of {args.repeats} steps."
     if args.host_bound:
-        description = (f"the host-bound proxy: all-MiniLM-L6-v2's architecture at width 16 (random weights), {targets}, "
-                       f"batch 1 x 8 tokens, one thread, fused AdamW; {rounds} A step costs its dispatch, as on a "
-                       "launch-bound GPU.")
+        description = (f"the host-bound proxy: all-MiniLM-L6-v2's architecture at width 16 (random weights), "
+                       f"{targets}, batch 1 x 8 tokens, one thread, fused AdamW; {rounds} A step costs its dispatch, "
+                       "as on a launch-bound GPU.")
     else:
         description = f"all-MiniLM-L6-v2, {targets}, batch {args.batch} x {args.max_length} tokens, AdamW; {rounds}"
     if args.distillation:
