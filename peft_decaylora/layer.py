@@ -572,6 +572,7 @@ class DecayLoraLayer(BaseTunerLayer):
             if torch.is_tensor(decay):
                 return self.base_layer(x, *args, **kwargs) * self.kind.channel_view(decay), 1.0
             return (None if d == 0.0 else self.base_layer(x, *args, **kwargs)), d
+        # get_base_layer() searches through hasattr, which is slow on a plain layer; search only when nested
         base = self.base_layer if not isinstance(self.base_layer, BaseTunerLayer) else self.get_base_layer()
         bias = None if base.bias is None else base.bias * decay
         seed = self._noise_generator_seed(adapter_name) if self.training else None
