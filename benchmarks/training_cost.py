@@ -20,6 +20,7 @@ which CUDA's multi-tensor kernels do not.
     python benchmarks/training_cost.py                  # CPU, writes the table into BENCHMARKS.md
     python benchmarks/training_cost.py --host-bound     # the host-bound proxy on the CPU
     python benchmarks/training_cost.py --device cuda    # GPU rows
+    python benchmarks/training_cost.py --device cuda --batch 256 --max-length 128   # GPU, bound by arithmetic
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from common import MINILM_TARGETS, load_minilm, markdown_table, median_time, rep
 from peft_decaylora import DecayLoraConfig
 
 TOTAL = 100
+DEFAULT_BATCH = (32, 64)  # examples x tokens
 PHASES = {"warm-up (d=1)": 0, "decay + noise (d=0.5)": 50, "decay, no noise (d=0.2)": 80, "d=0": 100}
 
 
@@ -90,8 +92,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub name instead of the packaged all-MiniLM-L6-v2")
     parser.add_argument("--r", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH[0])
+    parser.add_argument("--max-length", type=int, default=DEFAULT_BATCH[1])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="steps per model per round")
     parser.add_argument("--device", default="cpu")
@@ -172,11 +174,15 @@ def main():
         description = f"all-MiniLM-L6-v2, {targets}, batch {args.batch} x {args.max_length} tokens, AdamW; {rounds}"
     if args.distillation:
         description += " DecayLoRA distils the pretrained network's hidden states (a teacher forward per step)."
-    section = "training-cost" + ("-kd" if args.distillation else "") + ("-host-bound" if args.host_bound else "")
+    # a batch other than the default gets its own section: a larger one shows the regime bound by arithmetic
+    size = "" if args.host_bound or (args.batch, args.max_length) == DEFAULT_BATCH else (
+        f"-batch-{args.batch}x{args.max_length}")
+    section = "training-cost" + ("-kd" if args.distillation else "") + ("-host-bound" if args.host_bound else "") + size
     title = "Training cost" + (" with distillation" if args.distillation else "") + " against PEFT LoRA" + (
-        ", host-bound proxy" if args.host_bound else "")
+        ", host-bound proxy" if args.host_bound else "") + (f", batch {args.batch} x {args.max_length}" if size else "")
     script = "training_cost.py" + (" --distillation" if args.distillation else "") + (
-        " --host-bound" if args.host_bound else "")
+        " --host-bound" if args.host_bound else "") + (f" --batch {args.batch} --max-length {args.max_length}"
+                                                      if size else "")
     report(section, script, args, title, description, table)
 
 
