@@ -281,6 +281,8 @@ class DecayLoraLayer(BaseTunerLayer):
         # of training forwards since the step last changed (indexes the noise within a step).
         self._host_step: dict[str, tuple[torch.Tensor, int, int]] = {}
         self._forward_index: dict[str, int] = {}
+        # The backward pass (autograd graph task) that last recomputed this layer's noisy forward, per adapter.
+        self._recomputed_in: dict[str, int] = {}
         # One noise generator per device, reseeded for every draw.
         self._noise_generators: dict[torch.device, torch.Generator] = {}
         self.register_load_state_dict_pre_hook(DecayLoraLayer._load_saved_split)
@@ -527,12 +529,24 @@ class DecayLoraLayer(BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------- frozen weight
     def _noise_generator_seed(self, adapter_name: str) -> int:
-        """Seed of this forward's noise. A recomputation inside backward (gradient checkpointing) reuses the seed
-        of the forward it recomputes."""
+        """Seed of this forward's noise. A recomputation inside backward (gradient checkpointing) replays the latest
+        forward's seed, which is right only when that is the forward it recomputes: one recomputation per backward."""
         step = self.get_step(adapter_name)
-        recomputing = torch._C._current_graph_task_id() != -1
-        index = self._forward_index.get(adapter_name, -1) + (0 if recomputing else 1)
-        self._forward_index[adapter_name] = index
+        backward = torch._C._current_graph_task_id()
+        index = self._forward_index.get(adapter_name, -1)
+        if backward == -1:
+            index += 1
+            self._forward_index[adapter_name] = index
+        elif self._recomputed_in.get(adapter_name) != backward:
+            self._recomputed_in[adapter_name] = backward
+        else:
+            raise RuntimeError(
+                f"DecayLoRA layer {self.layer_key!r}: gradient checkpointing recomputed its noisy forward twice in one "
+                "backward pass. The noise is drawn anew for every forward and a recomputation can replay only the "
+                "latest, so the gradients of the earlier forwards would be wrong. This happens when several forwards "
+                "(or several calls of a shared layer) feed one backward: call backward after each forward, disable "
+                "gradient checkpointing, or train with noise='off' (the default)."
+            )
         return noise_seed(self.decaylora_config[adapter_name].noise_seed, self._layer_seed, step, index)
 
     def _frozen_weight_builder(

@@ -380,6 +380,26 @@ def test_gradient_checkpointing_gives_same_gradients_with_noise(reentrant):
     assert at_step_4.base_model.schedule_state()["noise_scale"] > 0.5  # the noise is really on
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_refuses_to_replay_the_wrong_noise(reentrant):
+    """Two forwards into one backward: the recomputation cannot know which forward's noise to replay, so instead of
+    wrong gradients (76% off in this model) there is an error naming the layer."""
+    data = Tokens(4, seed=3)
+    model = make_model(total_steps=8)
+    model.base_model.set_step(4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    model.train()
+    loss = sum(model(input_ids=data.x[i:i + 2], labels=data.y[i:i + 2]).loss for i in (0, 2))
+    with pytest.raises(RuntimeError, match=r"layer 'bert\.encoder\.layer\.1\..*recomputed its "
+                                           r"noisy forward twice"):
+        loss.backward()
+    # without checkpointing the same two forwards train: nothing is recomputed
+    model.gradient_checkpointing_disable()
+    loss = sum(model(input_ids=data.x[i:i + 2], labels=data.y[i:i + 2]).loss for i in (0, 2))
+    loss.backward()
+
+
 def test_bf16_autocast_trains(tokens):
     model = make_model(total_steps=8)
     model.base_model.set_step(4)
