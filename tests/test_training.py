@@ -356,17 +356,23 @@ def test_noise_is_a_function_of_seed_layer_step_and_forward_index(tokens):
     assert not torch.allclose(noisy_logits(c, tokens), first)
 
 
+def noisy_training_model(checkpointing_reentrant=None):
+    """The test model at step 4 (noise on) in training mode, with gradient checkpointing when a mode is given."""
+    model = make_model(total_steps=8)
+    model.base_model.set_step(4)
+    if checkpointing_reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing_reentrant})
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_same_gradients_with_noise(reentrant):
     data = Tokens(4, seed=3)
 
     def grads(checkpointing):
-        model = make_model(total_steps=8)
-        model.base_model.set_step(4)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            model.enable_input_require_grads()
-        model.train()
+        model = noisy_training_model(reentrant if checkpointing else None)
         for i in range(0, 4, 2):  # two accumulated micro-batches: forward indices 0 and 1
             model(input_ids=data.x[i:i + 2], labels=data.y[i:i + 2]).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -385,11 +391,7 @@ def test_gradient_checkpointing_refuses_to_replay_the_wrong_noise(reentrant):
     """Two forwards into one backward: the recomputation cannot know which forward's noise to replay, so instead of
     wrong gradients (76% off in this model) there is an error naming the layer."""
     data = Tokens(4, seed=3)
-    model = make_model(total_steps=8)
-    model.base_model.set_step(4)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    model.enable_input_require_grads()
-    model.train()
+    model = noisy_training_model(reentrant)
     loss = sum(model(input_ids=data.x[i:i + 2], labels=data.y[i:i + 2]).loss for i in (0, 2))
     with pytest.raises(RuntimeError, match=r"layer 'bert\.encoder\.layer\.1\..*recomputed its "
                                            r"noisy forward twice"):
