@@ -31,6 +31,7 @@ import copy
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForSequenceClassification
 
 import peft_decaylora  # noqa: F401
 from common import MINILM_TARGETS, load_minilm, markdown_table, median_time, report, text_batch
@@ -174,23 +175,23 @@ def main():
         description = f"all-MiniLM-L6-v2, {targets}, batch {args.batch} x {args.max_length} tokens, AdamW; {rounds}"
     if args.distillation:
         description += " DecayLoRA distils the pretrained network's hidden states (a teacher forward per step)."
-    # a batch other than the default gets its own section: a larger one shows the regime bound by arithmetic
-    size = "" if args.host_bound or (args.batch, args.max_length) == DEFAULT_BATCH else (
-        f"-batch-{args.batch}x{args.max_length}")
-    section = "training-cost" + ("-kd" if args.distillation else "") + ("-host-bound" if args.host_bound else "") + size
-    title = "Training cost" + (" with distillation" if args.distillation else "") + " against PEFT LoRA" + (
-        ", host-bound proxy" if args.host_bound else "") + (f", batch {args.batch} x {args.max_length}" if size else "")
-    script = "training_cost.py" + (" --distillation" if args.distillation else "") + (
-        " --host-bound" if args.host_bound else "") + (f" --batch {args.batch} --max-length {args.max_length}"
-                                                      if size else "")
-    report(section, script, args, title, description, table)
+    # each variant's (section suffix, title suffix, command flags); a batch other than the default gets its own
+    # section: a larger one shows the regime bound by arithmetic
+    other_batch = not args.host_bound and (args.batch, args.max_length) != DEFAULT_BATCH
+    variants = [part for on, part in [
+        (args.distillation, ("-kd", "", " --distillation")),
+        (args.host_bound, ("-host-bound", ", host-bound proxy", " --host-bound")),
+        (other_batch, (f"-batch-{args.batch}x{args.max_length}", f", batch {args.batch} x {args.max_length}",
+                       f" --batch {args.batch} --max-length {args.max_length}")),
+    ] if on]
+    title = "Training cost" + (" with distillation" if args.distillation else "") + " against PEFT LoRA"
+    report("training-cost" + "".join(v[0] for v in variants), "training_cost.py" + "".join(v[2] for v in variants),
+           args, title + "".join(v[1] for v in variants), description, table)
 
 
 def shrunk(model):
     """``model``'s architecture at width 16 (2 heads, feed-forward 32), freshly initialised: every layer and module
     is there, the arithmetic is negligible."""
-    from transformers import AutoModelForSequenceClassification
-
     config = copy.deepcopy(model.config)
     config.hidden_size, config.intermediate_size, config.num_attention_heads = 16, 32, 2
     torch.manual_seed(0)
