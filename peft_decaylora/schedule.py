@@ -1,10 +1,12 @@
-"""The decay and noise schedule: pure functions of the optimizer step (METHOD.md, "Decay factor" and "Noise")."""
+"""The decay schedule (docs/method.md, "The schedule"): ``d`` and the noise scale as pure functions of the optimizer
+step, and the object that holds where one adapter's run is."""
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Union
+
+from peft.tuners._buffer_dict import BufferDict
 
 SchedulePoint = Union[int, float]
 
@@ -13,27 +15,22 @@ def resolve_step(point: SchedulePoint, total_steps: Optional[int], field_name: s
     """Turn ``decay_start`` / ``decay_end`` into a step: a float in [0, 1] is a fraction of ``total_steps``."""
     if isinstance(point, float):
         if total_steps is None:
-            raise ValueError(
-                f"`{field_name}={point}` is a fraction of `total_steps`, but `total_steps` is None. Set "
-                "`DecayLoraConfig(total_steps=...)`, call `model.base_model.set_total_steps(n)`, or train with "
-                "`peft_decaylora.DecayLoraCallback` / `peft_decaylora.attach_schedule(model, optimizer, total_steps)`, "
-                "which fill it in."
-            )
+            raise ValueError(f"`{field_name}={point}` is a fraction of `total_steps`, but `total_steps` is None. Set "
+                             "`DecayLoraConfig(total_steps=...)`, call `model.base_model.set_total_steps(n)`, or train "
+                             "with `peft_decaylora.DecayLoraCallback` / `peft_decaylora.attach_schedule(model, "
+                             "optimizer, total_steps)`, which fill it in.")
         return int(round(point * total_steps))
     return int(point)
 
 
-def schedule_bounds(
-    total_steps: Optional[int], decay_start: SchedulePoint, decay_end: SchedulePoint
-) -> tuple[int, int]:
-    """The first step of the linear decay and the first step of the cool-down."""
+def schedule_bounds(total_steps: Optional[int], decay_start: SchedulePoint,
+                    decay_end: SchedulePoint) -> tuple[int, int]:
+    """The first step of the decay and the first step of the cool-down."""
     start = resolve_step(decay_start, total_steps, "decay_start")
     end = resolve_step(decay_end, total_steps, "decay_end")
     if start > end:
-        raise ValueError(
-            f"`decay_start` resolves to step {start}, after `decay_end` at step {end}; `decay_start <= decay_end` "
-            "is required."
-        )
+        raise ValueError(f"`decay_start` resolves to step {start}, after `decay_end` at step {end}; "
+                         "`decay_start <= decay_end` is required.")
     return start, end
 
 
@@ -42,20 +39,10 @@ def is_resolvable(total_steps: Optional[int], decay_start: SchedulePoint, decay_
     return total_steps is not None or not (isinstance(decay_start, float) or isinstance(decay_end, float))
 
 
-def decay_factor(
-    step: int,
-    *,
-    total_steps: Optional[int],
-    decay_start: SchedulePoint,
-    decay_end: SchedulePoint,
-    min_decay: float,
-    decay_shape: str = "linear",
-) -> float:
-    """d(t): 1 during warm-up, from 1 to ``min_decay`` between start and end (linearly, or along a half cosine
-    with ``decay_shape="cosine"``), ``min_decay`` after.
-
-    Before the schedule length is known, step 0 is warm-up (d = 1) so an untrained model reproduces its base model.
-    """
+def decay_factor(step: int, *, total_steps: Optional[int], decay_start: SchedulePoint, decay_end: SchedulePoint,
+                 min_decay: float, decay_shape: str = "linear") -> float:
+    """d(t): 1 during warm-up, from 1 to ``min_decay`` between start and end (linearly, or along a half cosine with
+    ``decay_shape="cosine"``), ``min_decay`` after. Before the schedule length is known, step 0 is warm-up."""
     if step == 0 and not is_resolvable(total_steps, decay_start, decay_end):
         return 1.0
     start, end = schedule_bounds(total_steps, decay_start, decay_end)
@@ -70,11 +57,7 @@ def decay_factor(
 
 def noise_active(d: float, noise: str, noise_threshold: float) -> bool:
     """Whether noise is drawn at decay factor ``d`` ("vanish": only while d >= threshold; "keep": all d < 1)."""
-    if noise == "off" or d >= 1.0:
-        return False
-    if noise == "keep":
-        return True
-    return d >= noise_threshold
+    return noise != "off" and d < 1.0 and (noise == "keep" or d >= noise_threshold)
 
 
 def noise_scale(d: float, noise: str, noise_threshold: float) -> float:
@@ -82,18 +65,59 @@ def noise_scale(d: float, noise: str, noise_threshold: float) -> float:
     return math.sqrt(max(0.0, 1.0 - d * d)) if noise_active(d, noise, noise_threshold) else 0.0
 
 
-@functools.lru_cache(maxsize=4096, typed=True)  # typed: decay_end=1 (a step) is not decay_end=1.0 (the whole run)
-def schedule_point(
-    step: int,
-    total_steps: Optional[int],
-    decay_start: SchedulePoint,
-    decay_end: SchedulePoint,
-    min_decay: float,
-    decay_shape: str,
-    noise: str,
-    noise_threshold: float,
-) -> tuple[float, float]:
-    """``(d, noise scale)`` at ``step``: what every adapted layer needs each forward, computed once per step."""
-    d = decay_factor(step, total_steps=total_steps, decay_start=decay_start, decay_end=decay_end, min_decay=min_decay,
-                     decay_shape=decay_shape)
-    return d, noise_scale(d, noise, noise_threshold)
+class AdapterSchedule:
+    """Where one adapter is in its run: the optimizer step, and ``decay`` (``d``) and ``noise_scale`` there, computed
+    once per move. The tuner owns one per adapter and moves it; every layer of the adapter reads the same object."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.moves = 0  # counts every move, even to the same step: a restart at a step replays its noise
+        self.move_to(0)
+
+    @property
+    def resolvable(self) -> bool:
+        return is_resolvable(self.config.total_steps, self.config.decay_start, self.config.decay_end)
+
+    def move_to(self, step: int) -> None:
+        self.step, self.moves, self._point = int(step), self.moves + 1, None
+
+    @property
+    def point(self) -> tuple[float, float]:
+        """``(d, noise scale)`` at the current step; the length may come after the move (a resumed run's)."""
+        if self._point is None:
+            config = self.config
+            d = decay_factor(self.step, total_steps=config.total_steps, decay_start=config.decay_start,
+                             decay_end=config.decay_end, min_decay=config.min_decay, decay_shape=config.decay_shape)
+            self._point = (d, noise_scale(d, config.noise, config.noise_threshold))
+        return self._point
+
+    decay = property(lambda self: self.point[0])
+    noise_scale = property(lambda self: self.point[1])
+
+    def state(self) -> dict:
+        d, scale = self.point
+        return {"step": self.step, "decay_factor": d, "noise_active": scale > 0.0, "noise_scale": scale}
+
+
+class StepBuffers(BufferDict):
+    """The step of each adapter's schedule, saved with the adapter (per layer). However a step is loaded (in place or
+    assigned by ``load_state_dict``, or set by transformers' own loader), it moves that adapter's schedule."""
+
+    def __init__(self, schedules: dict[str, AdapterSchedule]) -> None:
+        super().__init__({}, persistent=True)
+        self.schedules = schedules
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        if name in self._buffers:
+            self._move_schedule(name)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        for name in self._buffers:
+            self._move_schedule(name)
+
+    def _move_schedule(self, name: str) -> None:
+        step, schedule = self._buffers[name], self.schedules.get(name)
+        if schedule is not None and not step.is_meta and int(step) != schedule.step:
+            schedule.move_to(int(step))

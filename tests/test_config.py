@@ -10,7 +10,7 @@ from tests.conftest import tiny_bert
 
 
 def test_defaults():
-    # METHOD.md's schedule; the measured best of BENCHMARKS.md for noise, initialisation and distillation
+    # the original specification's schedule; the measured best of BENCHMARKS.md for noise, initialisation and distillation
     config = DecayLoraConfig(target_modules=["query"])
     assert (config.decay_start, config.decay_end, config.min_decay) == (0.1, 0.9, 0.0)
     assert (config.noise, config.noise_threshold, config.noise_stats) == ("off", 0.3, "tensor")
@@ -104,7 +104,7 @@ def test_rank_by_depth_moves_rank_down_the_stack_at_the_same_total(tmp_path):
     # layer i of 4 gets round(8 * (1 - 0.5 * (2 i / 3 - 1))): 12, 9, 7, 4 -- the 32 of rank 8 in each layer
     assert [layer.attention.self.query.r["default"] for layer in bert.encoder.layer] == [12, 9, 7, 4]
     assert {layer.attention.self.query.scaling["default"] for layer in bert.encoder.layer} == {2.0}
-    assert bert.encoder.layer[0].attention.self.query.decaylora_A["default"].weight.shape == (12, 32)
+    assert bert.encoder.layer[0].attention.self.query.decaylora_A["default"].shape == (12, 32)
     assert bert.encoder.layer[3].attention.output.dense.r["default"] == 5  # rank_pattern wins
     assert bert.pooler.dense.r["default"] == 8  # outside the layer stack
     model.save_pretrained(tmp_path)
@@ -122,4 +122,37 @@ def test_rank_and_alpha_patterns():
     layer = model.base_model.model.bert.encoder.layer[0].attention.self
     assert layer.query.r["default"] == 4 and layer.query.scaling["default"] == 2.0
     assert layer.value.r["default"] == 2 and layer.value.scaling["default"] == 3.0
-    assert layer.value.decaylora_A["default"].weight.shape == (2, 32)
+    assert layer.value.decaylora_A["default"].shape == (2, 32)
+
+
+def test_keep_fraction_gives_each_layer_the_rank_that_keeps_that_share_of_its_parameters(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import TwoLayerNet
+
+    config = DecayLoraConfig(lora_alpha=8, target_modules=["lin0", "lin1"], keep_fraction=0.5, total_steps=10)
+    model = get_peft_model(TwoLayerNet(), config)
+    lin0, lin1 = model.base_model.model.lin0, model.base_model.model.lin1
+    # r (in + out) = 0.5 in out: lin0 24 -> 40: 7.5 -> 8; lin1 40 -> 16: 5.7 -> 6
+    assert (lin0.r["default"], lin1.r["default"]) == (8, 6)
+    assert lin0.scaling["default"] == lin1.scaling["default"] == 1.0  # lora_alpha / r of the config
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["keep_fraction"] == 0.5
+    loaded = PeftModel.from_pretrained(TwoLayerNet(), tmp_path)
+    assert loaded.base_model.model.lin1.r["default"] == 6
+    model.base_model.set_step(10)
+    compressed = model.compress_and_unload()
+    kept = sum(p.numel() for name, p in compressed.named_parameters() if "weight" in name)
+    assert kept == 8 * (24 + 40) + 6 * (40 + 16)  # about half of 24 * 40 + 40 * 16
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=24, n_layer=1, n_head=4, n_positions=16))
+    fused = get_peft_model(gpt2, DecayLoraConfig(target_modules=["c_attn"], keep_fraction=0.5,
+                                                 fused_enable={"c_attn": [True, False, True]}))
+    # the adapted q and v slices share one rank: r (2 x (24 + 24)) = 0.5 x 24 x 48 -> 6
+    assert fused.base_model.model.transformer.h[0].attn.c_attn.r["default"] == 6
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.2, 1.5, True, "0.8"])
+def test_keep_fraction_outside_0_to_1_names_the_field(value):
+    with pytest.raises(ValueError, match=r"`keep_fraction` must be a number in \(0, 1\]"):
+        DecayLoraConfig(target_modules=["q"], keep_fraction=value)

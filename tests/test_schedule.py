@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from peft_decaylora.schedule import decay_factor, noise_active, noise_scale, schedule_bounds, schedule_point
+from peft_decaylora import DecayLoraConfig
+from peft_decaylora.schedule import AdapterSchedule, decay_factor, noise_active, noise_scale, schedule_bounds
 
 
 def d(step, total=1000, start=0.1, end=0.9, min_decay=0.0):
@@ -81,11 +82,23 @@ def test_noise_schedules(mode, d_value, expected):
     assert noise_scale(d_value, mode, 0.3) == (pytest.approx(math.sqrt(1 - d_value**2)) if expected else 0.0)
 
 
-def test_schedule_point_tells_a_step_from_a_fraction():
-    """The per-step cache keys on types too: decay_end=50 (a step) and decay_end=50.0 would be different runs."""
-    assert schedule_point(20, 100, 0, 40, 0.0, "linear", "vanish", 0.3) == (0.5, pytest.approx(0.75**0.5))
-    assert schedule_point(20, 100, 0, 1, 0.0, "linear", "off", 0.3) == (0.0, 0.0)  # decay_end = step 1
-    assert schedule_point(20, 100, 0, 1.0, 0.0, "linear", "off", 0.3) == (0.8, 0.0)  # decay_end = the whole run
+def test_a_step_is_told_from_a_fraction():
+    """decay_end=1 is step 1; decay_end=1.0 is the whole run."""
+    kwargs = dict(total_steps=100, decay_start=0, min_decay=0.0)
+    assert decay_factor(20, decay_end=1, **kwargs) == 0.0
+    assert decay_factor(20, decay_end=1.0, **kwargs) == pytest.approx(0.8)
+
+
+def test_an_adapter_schedule_computes_d_and_the_noise_scale_once_per_move():
+    config = DecayLoraConfig(target_modules=["q"], total_steps=100, decay_start=0, decay_end=40, noise="vanish")
+    schedule = AdapterSchedule(config)
+    assert schedule.state() == {"step": 0, "decay_factor": 1.0, "noise_active": False, "noise_scale": 0.0}
+    schedule.move_to(20)
+    assert (schedule.step, schedule.decay, schedule.noise_scale) == (20, 0.5, pytest.approx(0.75**0.5))
+    config.decay_end = 20  # the values are those of the last move, not of every read
+    assert schedule.decay == 0.5
+    schedule.move_to(20)
+    assert schedule.decay == 0.0
 
 
 def test_cosine_decay_is_slow_at_both_ends():
