@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
@@ -25,7 +26,11 @@ from peft import get_peft_model
 import peft_decaylora  # noqa: F401
 from common import MINILM_TARGETS, load_minilm, markdown_table, median_time, report, text_batch
 from peft_decaylora import DecayLoraConfig, DecayLoraLayer, save_compressed
-from peft_decaylora.compression import directory_size
+
+
+def directory_size(directory) -> int:
+    """Total size in bytes of the files under ``directory``."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
 def adapted_parameters(model, names) -> int:

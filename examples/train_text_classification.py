@@ -64,7 +64,7 @@ class ModelArguments:
     decay_end: float = field(default=0.9, metadata={"help": "End of the decay, as a fraction of the run."})
     noise: str = field(default="vanish", metadata={"help": "Noise schedule: vanish, keep or off."})
     init_weights: str = field(
-        default="svd", metadata={"help": "svd: the adapter starts at the top-r part of W; zeros: B = 0 (METHOD.md)."}
+        default="svd", metadata={"help": "svd: the adapter starts at the top-r part of W; zeros: B = 0 (the original specification)."}
     )
     distillation: str = field(
         default="auto", metadata={"help": "Hidden-state distillation from the pretrained network: auto or off."}
