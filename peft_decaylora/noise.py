@@ -70,7 +70,8 @@ def noisy_weight(weight, decay, mean, std, generator: torch.Generator, seed: int
     """``decay W + N(mean, std)``, the noise drawn from ``seed`` (``decay``: a float or per-row; statistics per row)."""
     generator.manual_seed(seed)
     noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
-    return noise.mul_(std).add_(mean).add_(weight * decay)
+    drawn = torch.addcmul(mean, noise, std)  # with the draw and the decayed W: three passes over W
+    return drawn.addcmul_(weight, decay) if torch.is_tensor(decay) else drawn.add_(weight, alpha=decay)
 
 
 class RedrawnWeightProduct(torch.autograd.Function):

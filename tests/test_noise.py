@@ -162,9 +162,9 @@ def test_one_frozen_product_per_training_forward():
     [
         (lambda: nn.Linear(12, 10), (3, 5, 12)),
         (lambda: Conv1D(10, 12), (3, 5, 12)),
-        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 9, 9)),
-        (lambda: nn.Conv2d(4, 6, 3, padding="same", dilation=2), (2, 4, 8, 8)),
-        (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (2, 4, 8, 8)),
+        (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), (1, 2, 7, 7)),
+        (lambda: nn.Conv2d(2, 4, 3, padding="same", dilation=2), (1, 2, 7, 7)),
+        (lambda: nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), (1, 2, 7, 7)),
     ],
     ids=["linear", "conv1d", "conv2d-stride", "conv2d-same", "conv2d-reflect"],
 )

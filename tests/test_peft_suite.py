@@ -22,6 +22,7 @@ import pytest
 
 from peft_decaylora import DecayLoraConfig
 
+pytestmark = pytest.mark.peft_suite  # its own pytest run (`pytest -m peft_suite`), which .ci/run adds
 CASE_ARGS = "test_name, model_id, config_cls, config_kwargs"
 
 # The one list of what DecayLoRA does not run of PEFT's tests: test -> (the cases it skips, why).
