@@ -20,25 +20,26 @@ packaged ones (``--model sentence-transformers/all-MiniLM-L6-v2 --dataset cornel
 
 Defaults: DecayLoRA r=128 (lora_alpha=128) on average on every Linear of the encoder (query, key, value, attention
 output and the feed-forward block of all 6 layers: 2x fewer parameters in those layers; ``rank_by_depth=-0.5`` gives
-the bottom layer rank 192 and the top one 64), the classifier trained in full, the adapter initialised from the top-r
-SVD part of each weight (the residual decays), that split refined on the activations of 32 training batches
-(``initialize_from_activations``), distillation of the last layer's hidden states from the pretrained network
-(weight 3), noise off, d from 1 to 0 between 10% and 90% of the run, 2 epochs (642 steps of 32), lr 5e-4 with linear
-warm-up/decay; 10,252 training, 500 validation (for the curve), 2,000 held-out test snippets (stratified, never used
-for choices made during the run). This is the best setting of ``benchmarks/quality.py`` (BENCHMARKS.md), which also
-lists what did worse.
+the bottom layer rank 192 and the top one 64), the classifier trained in full, the adapter initialised from the
+top-r SVD part of each weight (which takes over as the weight fades), that split refined on the activations of 32
+training batches (``initialize_from_activations``), distillation of the last layer's hidden states from the
+pretrained network (weight 3), noise off, d from 1 to 0 between 10% and 90% of the run, 2 epochs (642 steps of 32),
+lr 5e-4 with linear warm-up/decay; 10,252 training, 500 validation (for the curve), 2,000 held-out test snippets
+(stratified, never used for choices made during the run). This is the best setting of ``benchmarks/quality.py``
+(BENCHMARKS.md), which also lists what did worse.
 
-Measured with the defaults (torch 2.13 CPU, 2 cores; a fresh clone set up by command 1 of the README):
+Measured with the defaults on version 0.2 (torch 2.13 CPU, 2 cores, a fresh clone set up by command 1 of the README;
+another training run shared the cores, so the latencies are slower than on an idle machine):
                              DecayLoRA (PeftModel)  merged (original size)  compressed
-  held-out accuracy                         0.8265                  0.8265      0.8265
+  held-out accuracy                         0.8225                  0.8225      0.8225
   adapted-layer parameters                                      10,637,568   5,329,152
   total parameters                                              22,713,986  17,405,570
   size on disk (safetensors)                                      86.7 MiB    66.4 MiB
-  CPU latency / batch of 64                 314 ms                  475 ms      308 ms
-  wall time 563 s (training 472 s); the compressed model reloaded from disk gives identical logits.
-With ``--rank-by-depth 0`` (the same rank everywhere, the default before) it reached 0.8255; with
-``--calibration-batches 0`` as well (the plain SVD split) 0.8130, and with every layer distilled too
-(``distillation_layers=None``) 0.8175.
+  CPU latency / batch of 64                1007 ms                 1255 ms      874 ms
+  wall time 1579 s (training 1302 s); the compressed model reloaded from disk gives identical logits.
+Version 0.1 (commit 3644f13, docs/ablations.md) reached 0.8265 with these defaults; with ``--rank-by-depth 0`` (the
+same rank everywhere) 0.8255, with ``--calibration-batches 0`` as well (the plain SVD split) 0.8130, and with every
+layer distilled too (``distillation_layers=None``) 0.8175.
 With ``--epochs 1`` (with the plain SVD split and every layer distilled, the defaults then) it reached 0.7975. For
 reference, full fine-tuning reached 0.8155 in 1 epoch and 0.8273 in 2, and LoRA 0.79-0.82 in 1 epoch, on this split
 (original size). Before the SVD initialisation and distillation defaults, this script reached 0.777 on the
