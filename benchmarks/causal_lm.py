@@ -18,8 +18,14 @@ Methods (``--methods``):
 
 Each run is a line of ``--results`` (resumable: finished runs are not repeated); the table goes to BENCHMARKS.md.
 
+``--decoding`` measures instead what a compressed model saves at inference: new tokens per second of greedy
+``generate()`` (KV cache) at batch 1 and 8 and the weights' memory, each reduction against the dense model in the
+same process, interleaved. The speed depends only on the shapes, so the compressed models there are the truncated
+ones (the same layers a compressed DecayLoRA model has).
+
     python benchmarks/causal_lm.py                                   # the whole table, about 3 hours on 2 CPU cores
     python benchmarks/causal_lm.py --methods lora --lr 1e-4,3e-4,1e-3 --no-write   # tune one method's rate
+    python benchmarks/causal_lm.py --decoding                        # decoding speed and memory, a few minutes
 """
 
 from __future__ import annotations
@@ -198,7 +204,8 @@ def run(spec, args, base, blocks):
         "perplexity": perplexity(model, held_out), "prose_perplexity": perplexity(model, prose),
         "block_linear_parameters": sum(parameters(m) for m in linears.values()),
         "parameters": parameters(model), "size_bytes": size_on_disk(model),
-        "step_seconds": statistics.median(seconds[2:]) if len(seconds) > 2 else None,
+        # the mean, not the median: steps at d = 0 are cheaper, and a run pays for all of them
+        "step_seconds": statistics.mean(seconds[1:]) if len(seconds) > 1 else None,
         "final_train_loss": statistics.mean(losses[-10:]) if losses else None,
         "hardware": hardware("cpu"), **({"curve": curve[2]} if curve else {}),
     }
@@ -229,6 +236,37 @@ def table(rows, args) -> str:
                            "MiB on disk", "step time vs dense LoRA"], lines)
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (a tied tensor once)."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(tensors.values())
+
+
+@torch.inference_mode()
+def decoding(base, prompts, args) -> str:
+    """New tokens per second of greedy generation at batch 1 and 8, and the weights' memory, of the model compressed
+    at each reduction against ``base``, timed alternately in rounds (median)."""
+    models = {0.0: base.eval(), **{r: truncated(copy.deepcopy(base), 1.0 - r).eval() for r in floats(args.reductions)}}
+    new = args.new_tokens
+    speed = {}
+    for batch in (1, 8):
+        x = prompts[:batch]
+        for model in models.values():  # warm-up
+            model.generate(input_ids=x, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        seconds = {r: [] for r in models}
+        for _ in range(args.rounds):
+            for r, model in models.items():
+                start = time.perf_counter()
+                model.generate(input_ids=x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                seconds[r].append(time.perf_counter() - start)
+        speed[batch] = {r: batch * new / statistics.median(s) for r, s in seconds.items()}
+    lines = [[f"{r:.0%}" if r else "dense", f"{speed[1][r]:.1f}", f"{speed[1][r] / speed[1][0.0]:.2f}x",
+              f"{speed[8][r]:.1f}", f"{speed[8][r] / speed[8][0.0]:.2f}x", f"{weight_bytes(m) / 2**20:.0f}",
+              f"{weight_bytes(m) / weight_bytes(base):.2f}x"] for r, m in models.items()]
+    return markdown_table(["reduction of the block linears", "tokens/s, batch 1", "vs dense", "tokens/s, batch 8",
+                           "vs dense", "weights (MiB)", "vs dense"], lines)
+
+
 def floats(text):
     return [float(v) for v in text.split(",")]
 
@@ -253,11 +291,28 @@ def main():
     parser.add_argument("--model", default=None, help="a Hub name or local path instead of the packaged SmolLM2")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--results", default=str(REPO / "outputs" / "causal_lm" / "results.jsonl"))
+    parser.add_argument("--decoding", action="store_true", help="measure decoding speed and weight memory instead")
+    parser.add_argument("--new-tokens", type=int, default=32, help="--decoding: tokens generated per prompt")
+    parser.add_argument("--prompt-len", type=int, default=64, help="--decoding: prompt tokens")
+    parser.add_argument("--rounds", type=int, default=5, help="--decoding: timed rounds")
     parser.add_argument("--no-run", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decoding:
+        base, tokenizer = load_model(args.model)
+        prompts = data(tokenizer, args)[1][:8, : args.prompt_len]  # unseen episodes
+        text = decoding(base, prompts, args)
+        print(text)
+        if not args.no_write:
+            write_section("causal-lm-decoding", (
+                f"### Decoder LLM: decoding speed and memory of the compressed SmolLM2-135M\n\n"
+                f"`python benchmarks/causal_lm.py {' '.join(sys.argv[1:])}`\n\nGreedy `generate()` with the KV cache, "
+                f"{args.prompt_len}-token prompts of unseen episodes, {args.new_tokens} new tokens, median of "
+                f"{args.rounds} rounds timed alternately with the dense model; weights in float32. "
+                f"Hardware: {hardware('cpu')}.\n\n{text}"))
+        return
     decaylora = json.loads(args.decaylora)
     jobs = []
     for method, seed in itertools.product(args.methods.split(","), [int(s) for s in args.seeds.split(",")]):
@@ -301,7 +356,7 @@ def main():
 
 
 # each trained method's learning rate, tuned on this benchmark (BENCHMARKS.md)
-LR = {"lora": 1e-3, "full": 5e-5, "svd-lora": 1e-3, "whitened-lora": 1e-3, "decaylora": 5e-4}
+LR = {"lora": 1e-3, "full": 5e-5, "svd-lora": 1e-3, "whitened-lora": 1e-3, "decaylora": 1e-4}
 
 if __name__ == "__main__":
     main()
