@@ -25,8 +25,11 @@ docs/ablations.md; 2 idle CPU cores, 753 s wall time; step time DecayLoRA / LoRA
     dense                              30.06   134,515,008     513                17.1
     dense LoRA (merged)                20.36   134,515,008     513                17.5
     DecayLoRA, 20% compressed          28.54   113,375,808     433                13.6
-The compressed model is better than the dense one on the domain, but 40% worse than dense LoRA, and slower at batch 1
-on this CPU (two smaller matrix products per layer instead of one).
+The compressed model is better than the dense one on the domain, but 40% worse than dense LoRA. Its decoding speed
+here is measured with the idle OpenMP threads sleeping (``OMP_WAIT_POLICY=PASSIVE``, set below for training on shared
+cores), which slows decoding, the compressed model's twice as many small products most: with spinning threads
+(``OMP_WAIT_POLICY=ACTIVE python examples/causal_lm_accelerate.py``) it is faster than the dense model, by the margins
+of ``python benchmarks/causal_lm.py --decoding`` (BENCHMARKS.md).
 """
 
 from __future__ import annotations
