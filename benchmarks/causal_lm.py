@@ -359,7 +359,7 @@ def main():
 
 
 # each trained method's default learning rate: LoRA's and DecayLoRA's tuned on this benchmark (docs/ablations.md);
-# the recovery LoRAs take dense LoRA's, not yet tuned on their own; full fine-tuning's is the encoder task's
+# the recovery LoRAs take dense LoRA's, not yet tuned on their own
 LR = {"lora": 1e-3, "full": 5e-5, "svd-lora": 1e-3, "whitened-lora": 1e-3, "decaylora": 1e-4}
 
 if __name__ == "__main__":
