@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .fused import FusedLayout, SlicedUpProjection
 from .layer import Conv2dKind, DecayLoraLayer
+from .sharding import require_whole
 
 COMPRESSED_CONFIG_NAME = "decaylora_compressed.json"
 COMPRESSED_WEIGHTS_NAME = "model.safetensors"
@@ -73,6 +74,7 @@ def compress_layer(layer: DecayLoraLayer, adapter_name: str = "default", name: s
         raise CompressionError(f"{name} has no DecayLoRA adapter {adapter_name!r}.")
     if (reason := _not_compressible_because(layer, adapter_name)) is not None:
         raise CompressionError(f"{name} cannot be compressed: {reason}.")
+    require_whole(layer, name, "compress_and_unload")
     base = layer.get_base_layer()
     like = dict(dtype=base.weight.dtype, device=base.weight.device)
     A, B, C = layer.decaylora_A[adapter_name], layer.decaylora_B[adapter_name], layer.decaylora_C[adapter_name]

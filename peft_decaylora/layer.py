@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from .fused import FusedLayout
 from .noise import NoiseDraws, noisy_frozen_product, weight_statistics
 from .schedule import StepBuffers
+from .sharding import is_partitioned, require_whole, whole
 
 
 class LinearKind:
@@ -100,6 +101,12 @@ def layer_kind(base: nn.Module) -> type[LinearKind]:
     if kind is Conv2dKind and base.groups != 1:
         raise TypeError(f"grouped or depthwise Conv2d (groups={base.groups}) is not supported: its kernel cannot "
                         "hold the dense low-rank update. Exclude it with `exclude_modules`.")
+    if is_partitioned(base.weight):
+        raise TypeError(f"its weight is partitioned by DeepSpeed ZeRO-3 (zero.Init, shape {tuple(base.weight.ds_shape)} "
+                        "held as 0 elements), but DecayLoRA reads each whole weight when it adds an adapter (its shape, "
+                        "the SVD split, the noise statistics). Load the model without ZeRO-3 init (Accelerate: "
+                        "`zero3_init_flag: false`), add the adapter, then let `deepspeed.initialize` or "
+                        "`accelerator.prepare` partition it.")
     if not base.weight.is_floating_point():  # bitsandbytes and other integer-packed weights
         raise TypeError(f"{type(base).__name__} holds a quantised {base.weight.dtype} weight, which DecayLoRA cannot "
                         "decay or fold noise into; load the base model in float32, float16 or bfloat16.")
@@ -189,10 +196,11 @@ class DecayLoraLayer(BaseTunerLayer):
     def set_noise_statistics(self, adapter_name: str) -> None:
         """The per-row mean and std of the frozen weight that fades (``W - s B0 A`` at initialisation), which the noise
         keeps; rows of fused slices that are not adapted get none."""
-        weight = self.kind.weight(self.get_base_layer()).detach().float()
+        weight = whole(self.kind.weight(self.get_base_layer())).detach().float()
         layout = self.fused_layout.get(adapter_name)
         if adapter_name in self.decaylora_B0:
-            top = (layout or self.kind).product(self.decaylora_A[adapter_name], self.decaylora_B0[adapter_name])
+            top = (layout or self.kind).product(whole(self.decaylora_A[adapter_name]),
+                                                whole(self.decaylora_B0[adapter_name]))
             weight = weight - top.float() * self.scaling[adapter_name]
         mean, std = weight_statistics(weight, self.decaylora_schedule[adapter_name].config.noise_stats,
                                       None if layout is None else layout.slice_ids)
@@ -269,6 +277,7 @@ class DecayLoraLayer(BaseTunerLayer):
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.decaylora_A]
         if not adapter_names:
             return
+        require_whole(self, self.layer_key, "merge")
         if self.merged or len(adapter_names) > 1:
             raise ValueError(f"DecayLoRA merges one adapter at a time, since each adapter decays the frozen weight; "
                              f"asked to merge {adapter_names} with {self.merged_adapters} merged. Unmerge first.")

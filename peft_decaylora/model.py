@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Iterator, Optional
 
@@ -56,15 +57,16 @@ class DecayLoraModel(BaseTuner):
 
     def _prepare_model(self, config: DecayLoraConfig, model: nn.Module) -> None:
         """Check every targeted module before any is replaced, so that a bad target leaves the model unchanged."""
-        matched, unsupported = [], []
+        matched, unsupported = [], {}  # reason: modules
         for key, module in model.named_modules():
             if self._check_target_module_exists(config, key):
                 matched.append(key)
                 if not isinstance(module, BaseTunerLayer) and (reason := _unsupported_because(module)) is not None:
-                    unsupported.append(f"{key} ({reason})")
+                    unsupported.setdefault(reason, []).append(key)
         if unsupported:
-            raise TypeError("DecayLoRA cannot adapt these target modules: " + "; ".join(unsupported) + ". The model "
-                            "was not changed. Narrow `target_modules` or add the modules to `exclude_modules`.")
+            raise TypeError("DecayLoRA cannot adapt these target modules: " + "; ".join(
+                f"{', '.join(keys)} ({reason})" for reason, keys in unsupported.items()) + ". The model was not "
+                "changed. Narrow `target_modules` or add the modules to `exclude_modules`.")
         if not matched and config.target_modules is not None and not isinstance(config.target_modules, str):
             names = sorted({key.rsplit(".", 1)[-1] for key, module in model.named_modules()
                             if _unsupported_because(module) is None})
@@ -154,6 +156,13 @@ class DecayLoraModel(BaseTuner):
                                "decay. Add `peft_decaylora.DecayLoraCallback()` to the Trainer's callbacks, call "
                                "`peft_decaylora.attach_schedule(model, optimizer, total_steps=...)` in a custom loop, "
                                "or set `DecayLoraConfig(total_steps=...)`.")
+        if schedule.config.noise != "off" and any(hasattr(layer.get_base_layer().weight, "ds_id")
+                                                  for layer in itertools.islice(self.layers(name), 1)):
+            raise RuntimeError(f"DecayLoRA adapter {name!r} has noise={schedule.config.noise!r}, which does not work "
+                               "under DeepSpeed ZeRO-3: the noisy product (d W + N) x reads each frozen weight outside "
+                               "its base layer's forward, where ZeRO-3 does not gather it, and again in backward. "
+                               "Train with noise='off' (the default) under ZeRO-3, or shard with FSDP2, which "
+                               "supports noise.")
         if not torch.is_grad_enabled():
             return
         last_step, seen = self._forwards_at_step

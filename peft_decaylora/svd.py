@@ -11,6 +11,7 @@ from torch import nn
 
 from .distillation import eval_mode
 from .layer import Conv2dKind, DecayLoraLayer
+from .sharding import check_not_partitioned, whole, write_whole
 
 
 @torch.no_grad()
@@ -18,14 +19,14 @@ def split_top(layer: DecayLoraLayer, adapter_name: str, input_gram: Optional[tor
     """Set ``A`` and ``B0`` so that ``s B0 A`` is the top-``r`` SVD part of ``W`` (of each adapted slice, for a fused
     layout), and ``B = 0``. With ``input_gram`` (``E[x x^T]`` of the layer's inputs, ``G = L L^T``) it is the rank-``r``
     fit of ``W x`` on those inputs instead: the SVD of ``W L``, mapped back by ``L^-1`` (activation-aware SVD)."""
-    weight = layer.kind.weight(layer.get_base_layer()).detach()
+    weight = whole(layer.kind.weight(layer.get_base_layer())).detach()  # one layer's, under FSDP2
     rows = weight.float().reshape(weight.shape[0], -1)
     if input_gram is not None:
         # G = V diag(e) V^T, L = V diag(sqrt e), e floored: too few tokens or rounding make G singular or indefinite
         eigenvalues, vectors = torch.linalg.eigh(input_gram.to(device=rows.device, dtype=torch.float64))
         spread = eigenvalues.clamp(min=1e-6 * eigenvalues.clamp(min=0).mean()).sqrt()
         whitening, unwhitening = (vectors * spread).to(rows), (vectors / spread).T.to(rows)
-    A, B0 = layer.decaylora_A[adapter_name], layer.decaylora_B0[adapter_name]
+    A, B0 = whole(layer.decaylora_A[adapter_name]).clone(), torch.zeros_like(whole(layer.decaylora_B0[adapter_name]))
     B_rows = B0.view(B0.shape[0], -1)  # a Conv2d B is (out, r, 1, 1)
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     layout = layer.fused_layout.get(adapter_name)
@@ -35,7 +36,6 @@ def split_top(layer: DecayLoraLayer, adapter_name: str, input_gram: Optional[tor
         starts = [sum(layout.slice_sizes[:i]) for i in range(len(layout.slice_sizes))]
         blocks = [(out_rows, slice(start, start + len(out_rows)))
                   for out_rows, start in zip(layout.rows.split(layout.slice_sizes), starts)]
-    B_rows.zero_()
     for index, (output_rows, b_rows) in enumerate(blocks):
         block = rows[output_rows] if input_gram is None else rows[output_rows] @ whitening
         U, S, Vh = torch.linalg.svd(block, full_matrices=False)
@@ -44,6 +44,8 @@ def split_top(layer: DecayLoraLayer, adapter_name: str, input_gram: Optional[tor
         right = Vh[:k] if input_gram is None else Vh[:k] @ unwhitening
         A[index * r: index * r + k] = (root[:, None] * right).reshape((k,) + A.shape[1:]).to(A.dtype)
         B_rows[b_rows, :k] = (U[:, :k] * root).to(B0.dtype)
+    write_whole(layer.decaylora_A[adapter_name], A)
+    write_whole(layer.decaylora_B0[adapter_name], B0)
     layer.decaylora_B[adapter_name].zero_()
 
 
@@ -81,6 +83,7 @@ def initialize_from_activations(model: nn.Module, batches: Iterable[Any],
                          "activation-aware initialisation refines that SVD split. Create the adapter with "
                          "DecayLoraConfig(init_weights='svd').")
     for name, layer in layers.items():  # check everything before changing anything
+        check_not_partitioned(layer.get_base_layer().weight)
         step = layer.decaylora_schedule[adapter_name].step
         if layer.kind is Conv2dKind or step != 0:
             raise ValueError(f"{name}: activation-aware initialisation needs a linear layer (Linear, Conv1D, fused) "
