@@ -29,16 +29,19 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 BERT_LINEARS = ["query", "key", "value", "dense"]
 GLOBAL_BATCH, LENGTH, VOCAB = 4, 12, 64
 # the default DecayLoraConfig but for its targets, run length and noise; "calibrate": the SVD split fitted to
-# activations after sharding (initialize_from_activations); "memory": a larger model, its peak step memory measured
+# activations after sharding (initialize_from_activations); "callback": the schedule driven by DecayLoraCallback's
+# hooks as the Trainer calls them, the run length taken from its max_steps; "memory": a larger model, its peak step
+# memory measured
 SCENARIOS = {
     "llama": dict(model="llama", calibrate=True),
+    "llama-callback": dict(model="llama", driver="callback"),
     "bert": dict(model="bert"),
     "llama-noise": dict(model="llama", noise="vanish"),
     "memory-lora": dict(model="llama", method="lora", hidden=256, layers=4, measure_memory=True),
     "memory-decaylora": dict(model="llama", noise="vanish", hidden=256, layers=4, measure_memory=True),
 }
 DEFAULTS = dict(model="llama", method="decaylora", noise="off", calibrate=False, hidden=32, layers=2,
-                measure_memory=False, steps=10, lr=1e-2, resume_at=0)
+                measure_memory=False, steps=10, lr=1e-2, resume_at=0, driver="attach_schedule")
 
 
 def build(args, method="decaylora"):
@@ -63,7 +66,8 @@ def build(args, method="decaylora"):
     if method == "lora":
         config = LoraConfig(r=8, target_modules=targets)
     else:  # the defaults, but for the targets, the run length and the noise
-        config = peft_decaylora.DecayLoraConfig(target_modules=targets, total_steps=args.steps, noise=args.noise)
+        total_steps = None if args.driver == "callback" else args.steps  # the callback takes the Trainer's
+        config = peft_decaylora.DecayLoraConfig(target_modules=targets, total_steps=total_steps, noise=args.noise)
     return get_peft_model(model, config), blocks
 
 
@@ -165,7 +169,15 @@ def train(args, rank, world, out: Path):
         peft_decaylora.initialize_from_activations(model, [{"input_ids": batch(args, -1 - i, 0, 1)["input_ids"]}
                                                            for i in range(2)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    if args.method == "decaylora":
+    callback = trainer_state = None
+    if args.driver == "callback":
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+
+        callback, control = peft_decaylora.DecayLoraCallback(), TrainerControl()
+        trainer_args = TrainingArguments(output_dir=str(out), max_steps=args.steps, report_to=[])
+        trainer_state = TrainerState(max_steps=args.steps)
+        callback.on_train_begin(trainer_args, trainer_state, control, model=model)
+    elif args.method == "decaylora":
         peft_decaylora.attach_schedule(model, optimizer)
     losses, schedules, first, peak = [], [], 0, None
     stop = args.resume_at or args.steps
@@ -195,6 +207,9 @@ def train(args, rank, world, out: Path):
                 peak = min(peak or math.inf, peak_bytes(profiler))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if callback is not None:  # as Trainer does after each optimizer step
+                trainer_state.global_step += 1
+                callback.on_step_end(trainer_args, trainer_state, control, model=model)
             loss = loss.detach()
             if world > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
@@ -209,6 +224,7 @@ def train(args, rank, world, out: Path):
     if args.method == "decaylora":
         reference, _ = build(args)  # unsharded, from the gathered adapter: what a user compresses after training
         reference.load_state_dict(state)
+        reference.base_model.set_total_steps(args.steps)  # as the saved config carries it
         if world == 1:
             model.save_pretrained(str(out / "adapter"))
         else:  # the shards gathered, as Trainer and Accelerate do for a sharded PEFT model

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 RUN = Path(__file__).with_name("fsdp_run.py")
-COMPARED = ["llama", "bert", "llama-noise"]
+COMPARED = ["llama", "bert", "llama-noise", "llama-callback"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
@@ -65,6 +65,12 @@ def test_ranks_agree_on_the_schedule_through_the_decay(runs, scenario):
         assert any(states[0]["noise_active"] for states in schedules)
 
 
+def test_callback_advances_the_schedule_as_attach_schedule(runs):
+    """DecayLoraCallback, given the run length by the Trainer's max_steps, steps the schedule as attach_schedule."""
+    callback, attached = (result(runs, "two", name)["schedules"] for name in ("llama-callback", "llama"))
+    assert len(callback) == 10 and callback == attached
+
+
 def test_noise_changes_the_run(runs):
     """The noise scenario draws noise (otherwise it would test nothing beyond the default)."""
     noisy, plain = result(runs, "one", "llama-noise")["losses"], result(runs, "one", "llama")["losses"]
@@ -105,3 +111,42 @@ def test_peak_step_memory_stays_near_lora(runs):
     frozen_bytes = lora["whole_bytes"] - sum(v.numel() * v.element_size() for v in lora["adapter"].values())
     assert all(states[0]["noise_active"] for states in decaylora["schedules"][4:7])  # the steps measured
     assert decaylora["peak_step_bytes"] - lora["peak_step_bytes"] < 0.25 * frozen_bytes
+
+
+@pytest.mark.slow
+def test_fsdp_example_on_smollm2_saves_an_adapter_that_compresses_to_its_saved_model(tmp_path):
+    """The README's launch command, shortened: 2 ranks train SmolLM2-135M; the adapter saved from the gathered shards
+    loads unsharded, and compresses to the model the example saved."""
+    assets = pytest.importorskip("examples.assets")
+    try:
+        assets.smollm2_gguf(None), assets.load_tv_dialogue
+    except assets.AssetNotFoundError as error:
+        pytest.skip(str(error))
+    from peft import PeftModel
+
+    from peft_decaylora import load_compressed
+
+    example = RUN.parents[1] / "examples" / "fsdp_causal_lm.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
+               "--steps", "4", "--block-size", "64", "--calibration-blocks", "2", "--eval-blocks", "2",
+               "--output-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "DecayLoRA 20% compressed" in done.stdout
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["total_steps"] == 4 and config["keep_fraction"] == 0.8
+
+    sys.path.insert(0, str(example.parent))
+    try:
+        from causal_lm_accelerate import load_model_and_tokenizer
+    finally:
+        sys.path.remove(str(example.parent))
+    base, _ = load_model_and_tokenizer(None)
+    dense_parameters = sum(p.numel() for p in base.parameters())
+    from_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).compress_and_unload().eval()
+    saved = load_compressed(tmp_path / "compressed")
+    ids = torch.arange(100, 132).view(1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, from_adapter(input_ids=ids).logits)
+    assert sum(p.numel() for p in saved.parameters()) < 0.9 * dense_parameters
