@@ -21,14 +21,14 @@ REPORT = REPO / "BENCHMARKS.md"
 MINILM_TARGETS = ["query", "key", "value", "dense"]  # every encoder Linear (and the pooler)
 
 
-def load_minilm(model_name: str | None = None):
-    """all-MiniLM-L6-v2 (offline package) or a Hub name, with a 2-label classification head, and its tokenizer."""
+def load_minilm(model_name: str | None = None, num_labels: int = 2):
+    """all-MiniLM-L6-v2 (offline package) or a Hub name, with a new classification head, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = model_name or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     return model, tokenizer
 
 

