@@ -1,0 +1,176 @@
+"""Convolutions: DecayLoRA compressing MobileNetV2 on Fashion-MNIST, against full fine-tuning and PEFT LoRA.
+
+The network and data of ``examples/image_classification_conv.py`` (ImageNet MobileNetV2, offline; 6,000 Fashion-MNIST
+training images at 64 x 64, the first 2,000 test images), but every *full* convolution adapted: the 3 x 3 stem, every
+pointwise expand and project convolution of the 17 inverted-residual blocks and the final 1 x 1 convolution (35
+layers, 2.1M parameters; the depthwise ones cannot hold a dense low-rank update). Methods (``--methods``):
+
+- ``full``: every parameter trained (the reference).
+- ``lora``: PEFT LoRA (r = 16) on the same convolutions, the head trained in full; keeps ``W``, not compressed.
+- ``decaylora-2x`` / ``decaylora-4x``: DecayLoRA with the library's defaults at ``keep_fraction`` 0.5 / 0.25 of each
+  adapted convolution's parameters, compressed; ``Conv2d(in, out, k)`` becomes ``Conv2d(in, r, k)`` then
+  ``Conv2d(r, out, 1)``.
+
+Every method trains the same epochs with AdamW and a one-cycle schedule (6% warm-up, linear decay), its own learning
+rate (``--lr-full``, ``--lr-lora``, ``--lr``). Reported: test accuracy of the final (compressed) network, mean and
+spread over seeds, its share of full fine-tuning's, parameters, and CPU latency of a batch of 250 images against the
+original network in the same process. Runs are lines of ``--results`` (resumable); the table goes to BENCHMARKS.md.
+
+    python benchmarks/conv_quality.py                        # 3 seeds, about 80 minutes on 2 CPU cores
+    python benchmarks/conv_quality.py --seeds 0 --methods full,decaylora-2x --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see the example: shared CPU cores
+
+import torch
+import torch.nn.functional as F
+
+import peft_decaylora
+from common import REPO, hardware, markdown_table, write_section
+
+from image_classification_conv import evaluate, latencies, n_params, preprocess, pretrained_mobilenet_v2  # noqa: E402
+
+# every convolution with groups == 1: the stem, block 1's project (it has no expand), blocks 2-17's expand and
+# project, the last 1 x 1
+FULL_CONVOLUTIONS = r"features\.0\.0|features\.1\.conv\.1|features\.([2-9]|1[0-7])\.conv\.(0\.0|2)|features\.18\.0"
+METHODS = {"full": None, "lora": None, "decaylora-2x": 0.5, "decaylora-4x": 0.25}
+
+
+def build(method: str, base, total_steps: int):
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(base)
+    if method == "full":
+        return model
+    if method == "lora":
+        return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=FULL_CONVOLUTIONS,
+                                                modules_to_save=["classifier"]))
+    config = peft_decaylora.DecayLoraConfig(target_modules=FULL_CONVOLUTIONS, keep_fraction=METHODS[method],
+                                            total_steps=total_steps, modules_to_save=["classifier"])
+    return get_peft_model(model, config)
+
+
+def run(method: str, seed: int, args, data) -> dict:
+    train_images, train_labels, test_images, test_labels = data
+    torch.manual_seed(seed)
+    base = pretrained_mobilenet_v2(10)
+    steps_per_epoch = len(train_images) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    model = build(method, base, total_steps)
+    lr = {"full": args.lr_full, "lora": args.lr_lora}.get(method, args.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.06,
+                                                    anneal_strategy="linear")
+    if method.startswith("decaylora"):
+        peft_decaylora.attach_schedule(model, optimizer)
+    order = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for _ in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(train_images), generator=order)
+        for i in range(steps_per_epoch):
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            loss = F.cross_entropy(model(preprocess(train_images[idx], args.image_size)), train_labels[idx])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    if method == "lora":
+        final = model.merge_and_unload()
+    elif method.startswith("decaylora"):
+        final = model.compress_and_unload()
+    else:
+        final = model
+    latency = latencies({"original": pretrained_mobilenet_v2(10), "final": final}, test_images, args.image_size)
+    return {"method": method, "seed": seed, "lr": lr, "epochs": args.epochs, "train_size": len(train_images),
+            "image_size": args.image_size, "accuracy": evaluate(final, test_images, test_labels, args.image_size),
+            "parameters": n_params(final), "original_parameters": n_params(base),
+            "latency_ratio": latency["final"] / latency["original"], "seconds": round(seconds, 1),
+            "hardware": hardware(), "package": f"peft_decaylora {peft_decaylora.__version__}"}
+
+
+def summarize(rows: list[dict], methods: list[str]) -> str:
+    full = [row["accuracy"] for row in rows if row["method"] == "full"]
+    lines = []
+    for method in methods:
+        mine = [row for row in rows if row["method"] == method]
+        if not mine:
+            continue
+        accuracies = [row["accuracy"] for row in mine]
+        spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f})" if len(mine) > 1 else ""
+        share = f"{statistics.mean(accuracies) / statistics.mean(full):.1%}" if full and method != "full" else "-"
+        lines.append([method, f"{mine[0]['lr']:g}", len(mine), f"{statistics.mean(accuracies):.4f}{spread}", share,
+                      f"{mine[0]['parameters']:,}", f"{statistics.median(row['latency_ratio'] for row in mine):.2f}x"])
+    return markdown_table(["method", "lr", "seeds", "test accuracy", "of full", "parameters", "CPU latency / original"],
+                          lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"of {list(METHODS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3, help="DecayLoRA's learning rate")
+    parser.add_argument("--lr-lora", type=float, default=2e-3)
+    parser.add_argument("--lr-full", type=float, default=5e-4)
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "conv_quality_results.jsonl"))
+    parser.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --results")
+    parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    args = parser.parse_args()
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    if unknown := [m for m in methods if m not in METHODS]:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    from assets import load_fashion_mnist
+
+    train_images, train_labels = load_fashion_mnist("train")
+    test_images, test_labels = load_fashion_mnist("test")
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:args.train_size]
+    data = (train_images[order], train_labels[order].long(), test_images[:args.test_size],
+            test_labels[:args.test_size].long())
+    setting = {"epochs": args.epochs, "train_size": args.train_size, "image_size": args.image_size}
+    path = Path(args.results)
+    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    done = [row for row in done if all(row[key] == value for key, value in setting.items())]
+    for seed in seeds:
+        for method in methods:
+            lr = {"full": args.lr_full, "lora": args.lr_lora}.get(method, args.lr)
+            if args.no_run or any((r["method"], r["seed"], r["lr"]) == (method, seed, lr) for r in done):
+                continue
+            row = run(method, seed, args, data)
+            print(json.dumps(row), flush=True)
+            done.append(row)
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    lrs = {"full": args.lr_full, "lora": args.lr_lora}
+    wanted = [r for r in done if r["method"] in methods and r["seed"] in seeds and r["lr"] == lrs.get(r["method"], args.lr)]
+    table = summarize(wanted, methods)
+    print(table)
+    if args.no_write:
+        return
+    body = (f"### Convolutions: MobileNetV2 on Fashion-MNIST\n\n`python benchmarks/conv_quality.py "
+            f"{' '.join(sys.argv[1:])}`\n\nImageNet MobileNetV2, every full convolution adapted (35 layers); "
+            f"{args.train_size} training images at {args.image_size} x {args.image_size}, {args.epochs} epochs, "
+            f"{args.test_size} test images; accuracy of the final network (DecayLoRA compressed, LoRA merged), mean "
+            f"(min-max) over seeds {seeds}; CPU latency of 250 images against the original network, median over "
+            f"seeds. Hardware: {'; '.join(sorted({r['hardware'] for r in wanted}))}.\n\n{table}")
+    write_section("conv-quality", body)
+
+
+if __name__ == "__main__":
+    main()
