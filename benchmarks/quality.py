@@ -54,6 +54,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class Task:
     """An offline text-classification task: ``load(source)`` gives ``train`` / ``test`` with ``text`` and a
     ``ClassLabel`` ``label`` (the test split fixed); ``max_length`` tokens per example; ``description`` for tables."""
 
-    load: object
+    load: Callable[[Optional[str]], Any]
     max_length: int
     description: str
 
