@@ -7,8 +7,9 @@ layers, 2.1M parameters; the depthwise ones cannot hold a dense low-rank update)
 
 - ``full``: every parameter trained (the reference).
 - ``lora``: PEFT LoRA (r = 16) on the same convolutions, the head trained in full; keeps ``W``, not compressed.
-- ``decaylora-2x`` / ``decaylora-4x``: DecayLoRA with the library's defaults at ``keep_fraction`` 0.5 / 0.25 of each
-  adapted convolution's parameters, compressed; ``Conv2d(in, out, k)`` becomes ``Conv2d(in, r, k)`` then
+- ``decaylora-2x`` / ``decaylora-4x``: DecayLoRA with the library's defaults (or with the ``--decaylora`` JSON
+  overrides; several are each run) at ``keep_fraction`` 0.5 / 0.25 of each adapted convolution's parameters,
+  compressed; ``Conv2d(in, out, k)`` becomes ``Conv2d(in, r, k)`` then
   ``Conv2d(r, out, 1)``.
 
 Every method trains the same epochs with AdamW and a one-cycle schedule (6% warm-up, linear decay), its own learning
@@ -16,7 +17,8 @@ rate (``--lr-full``, ``--lr-lora``, ``--lr``). Reported: test accuracy of the fi
 spread over seeds, its share of full fine-tuning's, parameters, and CPU latency of a batch of 250 images against the
 original network in the same process. Runs are lines of ``--results`` (resumable); the table goes to BENCHMARKS.md.
 
-    python benchmarks/conv_quality.py                        # 3 seeds, about 80 minutes on 2 CPU cores
+    python benchmarks/conv_quality.py                        # 3 seeds, about 30 minutes on 2 CPU cores
+    python benchmarks/conv_quality.py --decaylora '{}' '{"decay_end": 0.5}'   # the defaults and an earlier end of W
     python benchmarks/conv_quality.py --seeds 0 --methods full,decaylora-2x --no-write
 """
 
@@ -47,7 +49,7 @@ FULL_CONVOLUTIONS = r"features\.0\.0|features\.1\.conv\.1|features\.([2-9]|1[0-7
 METHODS = {"full": None, "lora": None, "decaylora-2x": 0.5, "decaylora-4x": 0.25}
 
 
-def build(method: str, base, total_steps: int):
+def build(method: str, base, total_steps: int, overrides: dict):
     from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(base)
@@ -57,17 +59,17 @@ def build(method: str, base, total_steps: int):
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=FULL_CONVOLUTIONS,
                                                 modules_to_save=["classifier"]))
     config = peft_decaylora.DecayLoraConfig(target_modules=FULL_CONVOLUTIONS, keep_fraction=METHODS[method],
-                                            total_steps=total_steps, modules_to_save=["classifier"])
+                                            total_steps=total_steps, modules_to_save=["classifier"], **overrides)
     return get_peft_model(model, config)
 
 
-def run(method: str, seed: int, args, data) -> dict:
+def run(method: str, seed: int, overrides: dict, args, data) -> dict:
     train_images, train_labels, test_images, test_labels = data
     torch.manual_seed(seed)
     base = pretrained_mobilenet_v2(10)
     steps_per_epoch = len(train_images) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
-    model = build(method, base, total_steps)
+    model = build(method, base, total_steps, overrides)
     lr = {"full": args.lr_full, "lora": args.lr_lora}.get(method, args.lr)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.06,
@@ -94,8 +96,9 @@ def run(method: str, seed: int, args, data) -> dict:
     else:
         final = model
     latency = latencies({"original": pretrained_mobilenet_v2(10), "final": final}, test_images, args.image_size)
-    return {"method": method, "seed": seed, "lr": lr, "epochs": args.epochs, "train_size": len(train_images),
-            "image_size": args.image_size, "accuracy": evaluate(final, test_images, test_labels, args.image_size),
+    return {"method": method, "seed": seed, "lr": lr, "config": overrides, "epochs": args.epochs,
+            "train_size": len(train_images), "image_size": args.image_size,
+            "accuracy": evaluate(final, test_images, test_labels, args.image_size),
             "parameters": n_params(final), "original_parameters": n_params(base),
             "latency_ratio": latency["final"] / latency["original"], "seconds": round(seconds, 1),
             "hardware": hardware(), "package": f"peft_decaylora {peft_decaylora.__version__}"}
@@ -104,15 +107,19 @@ def run(method: str, seed: int, args, data) -> dict:
 def summarize(rows: list[dict], methods: list[str]) -> str:
     full = [row["accuracy"] for row in rows if row["method"] == "full"]
     lines = []
-    for method in methods:
-        mine = [row for row in rows if row["method"] == method]
-        if not mine:
-            continue
+    def group(row):
+        return row["method"], json.dumps(row.get("config", {}), sort_keys=True)
+
+    # each method's rows, its default config first
+    for method, config in sorted({group(row) for row in rows}, key=lambda g: (methods.index(g[0]), g[1] != "{}", g[1])):
+        mine = [row for row in rows if group(row) == (method, config)]
         accuracies = [row["accuracy"] for row in mine]
         spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f})" if len(mine) > 1 else ""
         share = f"{statistics.mean(accuracies) / statistics.mean(full):.1%}" if full and method != "full" else "-"
-        lines.append([method, f"{mine[0]['lr']:g}", len(mine), f"{statistics.mean(accuracies):.4f}{spread}", share,
-                      f"{mine[0]['parameters']:,}", f"{statistics.median(row['latency_ratio'] for row in mine):.2f}x"])
+        knobs = "".join(f", {key} {value}" for key, value in mine[0].get("config", {}).items())
+        lines.append([method + knobs, f"{mine[0]['lr']:g}", len(mine), f"{statistics.mean(accuracies):.4f}{spread}",
+                      share, f"{mine[0]['parameters']:,}",
+                      f"{statistics.median(row['latency_ratio'] for row in mine):.2f}x"])
     return markdown_table(["method", "lr", "seeds", "test accuracy", "of full", "parameters", "CPU latency / original"],
                           lines)
 
@@ -129,6 +136,8 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3, help="DecayLoRA's learning rate")
     parser.add_argument("--lr-lora", type=float, default=2e-3)
     parser.add_argument("--lr-full", type=float, default=5e-4)
+    parser.add_argument("--decaylora", nargs="+", default=["{}"], help="JSON of DecayLoraConfig fields other than the "
+                        "defaults; several: each is run")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "conv_quality_results.jsonl"))
     parser.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --results")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
@@ -147,18 +156,25 @@ def main():
     path = Path(args.results)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     done = [row for row in done if all(row[key] == value for key, value in setting.items())]
+    lrs = {"full": args.lr_full, "lora": args.lr_lora}
+
+    configs = [json.loads(text) for text in args.decaylora]
+
+    def asked(row) -> bool:  # the method, lr and (for DecayLoRA) a config asked for
+        return (row["method"] in methods and row["lr"] == lrs.get(row["method"], args.lr)
+                and row.get("config", {}) in (configs if row["method"].startswith("decaylora") else [{}]))
+
     for seed in seeds:
-        for method in methods:
-            lr = {"full": args.lr_full, "lora": args.lr_lora}.get(method, args.lr)
-            if args.no_run or any((r["method"], r["seed"], r["lr"]) == (method, seed, lr) for r in done):
+        for method, config in [(m, c) for m in methods for c in (configs if m.startswith("decaylora") else [{}])]:
+            if args.no_run or any((r["seed"], r["method"], r.get("config", {})) == (seed, method, config) and asked(r)
+                                  for r in done):
                 continue
-            row = run(method, seed, args, data)
+            row = run(method, seed, config, args, data)
             print(json.dumps(row), flush=True)
             done.append(row)
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    lrs = {"full": args.lr_full, "lora": args.lr_lora}
-    wanted = [r for r in done if r["method"] in methods and r["seed"] in seeds and r["lr"] == lrs.get(r["method"], args.lr)]
+    wanted = [r for r in done if r["seed"] in seeds and asked(r)]
     table = summarize(wanted, methods)
     print(table)
     if args.no_write:
