@@ -49,17 +49,19 @@ FULL_CONVOLUTIONS = r"features\.0\.0|features\.1\.conv\.1|features\.([2-9]|1[0-7
 METHODS = {"full": None, "lora": None, "decaylora-2x": 0.5, "decaylora-4x": 0.25}
 
 
-def build(method: str, base, total_steps: int, overrides: dict):
+def build(method: str, base, total_steps: int, overrides: dict, train_norms: bool = False):
     from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(base)
     if method == "full":
         return model
+    trained = ["classifier"] + ([name for name, module in model.named_modules()
+                                 if isinstance(module, torch.nn.BatchNorm2d)] if train_norms else [])
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=FULL_CONVOLUTIONS,
-                                                modules_to_save=["classifier"]))
+                                                modules_to_save=trained))
     config = peft_decaylora.DecayLoraConfig(target_modules=FULL_CONVOLUTIONS, keep_fraction=METHODS[method],
-                                            total_steps=total_steps, modules_to_save=["classifier"], **overrides)
+                                            total_steps=total_steps, modules_to_save=trained, **overrides)
     return get_peft_model(model, config)
 
 
@@ -69,7 +71,7 @@ def run(method: str, seed: int, overrides: dict, args, data) -> dict:
     base = pretrained_mobilenet_v2(10)
     steps_per_epoch = len(train_images) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
-    model = build(method, base, total_steps, overrides)
+    model = build(method, base, total_steps, overrides, args.norms)
     lr = {"full": args.lr_full, "lora": args.lr_lora}.get(method, args.lr)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.06,
@@ -97,6 +99,7 @@ def run(method: str, seed: int, overrides: dict, args, data) -> dict:
         final = model
     latency = latencies({"original": pretrained_mobilenet_v2(10), "final": final}, test_images, args.image_size)
     return {"method": method, "seed": seed, "lr": lr, "config": overrides, "epochs": args.epochs,
+            "train_norms": args.norms and method != "full",
             "train_size": len(train_images), "image_size": args.image_size,
             "accuracy": evaluate(final, test_images, test_labels, args.image_size),
             "parameters": n_params(final), "original_parameters": n_params(base),
@@ -108,15 +111,17 @@ def summarize(rows: list[dict], methods: list[str]) -> str:
     full = [row["accuracy"] for row in rows if row["method"] == "full"]
     lines = []
     def group(row):
-        return row["method"], json.dumps(row.get("config", {}), sort_keys=True)
+        return row["method"], json.dumps(row.get("config", {}), sort_keys=True), row.get("train_norms", False)
 
     # each method's rows, its default config first
-    for method, config in sorted({group(row) for row in rows}, key=lambda g: (methods.index(g[0]), g[1] != "{}", g[1])):
-        mine = [row for row in rows if group(row) == (method, config)]
+    for method, config, norms in sorted({group(row) for row in rows},
+                                        key=lambda g: (methods.index(g[0]), g[2], g[1] != "{}", g[1])):
+        mine = [row for row in rows if group(row) == (method, config, norms)]
         accuracies = [row["accuracy"] for row in mine]
         spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f})" if len(mine) > 1 else ""
         share = f"{statistics.mean(accuracies) / statistics.mean(full):.1%}" if full and method != "full" else "-"
         knobs = "".join(f", {key} {value}" for key, value in mine[0].get("config", {}).items())
+        knobs += ", BatchNorms trained" if norms else ""
         lines.append([method + knobs, f"{mine[0]['lr']:g}", len(mine), f"{statistics.mean(accuracies):.4f}{spread}",
                       share, f"{mine[0]['parameters']:,}",
                       f"{statistics.median(row['latency_ratio'] for row in mine):.2f}x"])
@@ -138,6 +143,8 @@ def main():
     parser.add_argument("--lr-full", type=float, default=5e-4)
     parser.add_argument("--decaylora", nargs="+", default=["{}"], help="JSON of DecayLoraConfig fields other than the "
                         "defaults; several: each is run")
+    parser.add_argument("--norms", action="store_true", help="LoRA and DecayLoRA train the BatchNorm layers too "
+                        "(modules_to_save), as full fine-tuning does")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "conv_quality_results.jsonl"))
     parser.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --results")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
@@ -162,6 +169,7 @@ def main():
 
     def asked(row) -> bool:  # the method, lr and (for DecayLoRA) a config asked for
         return (row["method"] in methods and row["lr"] == lrs.get(row["method"], args.lr)
+                and row.get("train_norms", False) == (args.norms and row["method"] != "full")
                 and row.get("config", {}) in (configs if row["method"].startswith("decaylora") else [{}]))
 
     for seed in seeds:
