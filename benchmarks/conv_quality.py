@@ -77,6 +77,10 @@ def run(method: str, seed: int, overrides: dict, args, data) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.06,
                                                     anneal_strategy="linear")
     if method.startswith("decaylora"):
+        if args.calibrate:  # the activation-aware split (ASVD style) from the first training batches
+            peft_decaylora.initialize_from_activations(model, [
+                preprocess(train_images[i * args.batch_size:(i + 1) * args.batch_size], args.image_size)
+                for i in range(args.calibrate)])
         peft_decaylora.attach_schedule(model, optimizer)
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -100,6 +104,7 @@ def run(method: str, seed: int, overrides: dict, args, data) -> dict:
     latency = latencies({"original": pretrained_mobilenet_v2(10), "final": final}, test_images, args.image_size)
     return {"method": method, "seed": seed, "lr": lr, "config": overrides, "epochs": args.epochs,
             "train_norms": args.norms and method != "full",
+            "calibration_batches": args.calibrate if method.startswith("decaylora") else 0,
             "train_size": len(train_images), "image_size": args.image_size,
             "accuracy": evaluate(final, test_images, test_labels, args.image_size),
             "parameters": n_params(final), "original_parameters": n_params(base),
@@ -111,17 +116,19 @@ def summarize(rows: list[dict], methods: list[str]) -> str:
     full = [row["accuracy"] for row in rows if row["method"] == "full"]
     lines = []
     def group(row):
-        return row["method"], json.dumps(row.get("config", {}), sort_keys=True), row.get("train_norms", False)
+        return (row["method"], json.dumps(row.get("config", {}), sort_keys=True), row.get("train_norms", False),
+                row.get("calibration_batches", 0))
 
     # each method's rows, its default config first
-    for method, config, norms in sorted({group(row) for row in rows},
-                                        key=lambda g: (methods.index(g[0]), g[2], g[1] != "{}", g[1])):
-        mine = [row for row in rows if group(row) == (method, config, norms)]
+    for method, config, norms, calibration in sorted({group(row) for row in rows},
+                                                     key=lambda g: (methods.index(g[0]), g[2], g[3], g[1] != "{}", g[1])):
+        mine = [row for row in rows if group(row) == (method, config, norms, calibration)]
         accuracies = [row["accuracy"] for row in mine]
         spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f})" if len(mine) > 1 else ""
         share = f"{statistics.mean(accuracies) / statistics.mean(full):.1%}" if full and method != "full" else "-"
         knobs = "".join(f", {key} {value}" for key, value in mine[0].get("config", {}).items())
         knobs += ", BatchNorms trained" if norms else ""
+        knobs += f", activation-aware split ({calibration} batches)" if calibration else ""
         lines.append([method + knobs, f"{mine[0]['lr']:g}", len(mine), f"{statistics.mean(accuracies):.4f}{spread}",
                       share, f"{mine[0]['parameters']:,}",
                       f"{statistics.median(row['latency_ratio'] for row in mine):.2f}x"])
@@ -145,6 +152,8 @@ def main():
                         "defaults; several: each is run")
     parser.add_argument("--norms", action="store_true", help="LoRA and DecayLoRA train the BatchNorm layers too "
                         "(modules_to_save), as full fine-tuning does")
+    parser.add_argument("--calibrate", type=int, default=0, metavar="N", help="DecayLoRA starts from the "
+                        "activation-aware split (initialize_from_activations) on N training batches; 0: the plain SVD")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "conv_quality_results.jsonl"))
     parser.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --results")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
@@ -170,6 +179,7 @@ def main():
     def asked(row) -> bool:  # the method, lr and (for DecayLoRA) a config asked for
         return (row["method"] in methods and row["lr"] == lrs.get(row["method"], args.lr)
                 and row.get("train_norms", False) == (args.norms and row["method"] != "full")
+                and row.get("calibration_batches", 0) == (args.calibrate if row["method"].startswith("decaylora") else 0)
                 and row.get("config", {}) in (configs if row["method"].startswith("decaylora") else [{}]))
 
     for seed in seeds:

@@ -49,6 +49,11 @@ class LinearKind:
         """The gradient of ``apply`` with respect to its input, which it is linear in."""
         return grad.matmul(weight)
 
+    @staticmethod
+    def patches(base, x):
+        """The rows the weight multiplies: one per token for a linear layer, ``(N tokens, in)``."""
+        return x.reshape(-1, x.shape[-1])
+
     up = staticmethod(F.linear)  # B h + bias
 
     @staticmethod
@@ -85,6 +90,15 @@ class Conv2dKind(LinearKind):
         with torch.enable_grad():  # "same"/"valid" or non-zero padding: differentiate the product at a zero input
             probe = grad.new_zeros(input_shape, requires_grad=True)
             return torch.autograd.grad(base._conv_forward(probe, weight, None), probe, grad)[0]
+
+    @staticmethod
+    def patches(base, x):
+        """The input patches each output position sees, ``(N positions, in * kh * kw)`` in the kernel's flattened
+        order: padded as the layer pads (its own mode, "same" included), then unfolded."""
+        mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
+        padded = F.pad(x, base._reversed_padding_repeated_twice, mode=mode)
+        columns = F.unfold(padded, base.kernel_size, dilation=base.dilation, stride=base.stride)
+        return columns.transpose(1, 2).reshape(-1, columns.shape[1])
 
     up = staticmethod(F.conv2d)  # a 1 x 1 convolution
 

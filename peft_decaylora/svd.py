@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .distillation import eval_mode
-from .layer import Conv2dKind, DecayLoraLayer
+from .layer import DecayLoraLayer
 from .sharding import check_not_partitioned, whole, write_whole
 
 
@@ -66,8 +66,9 @@ def initialize_from_activations(model: nn.Module, batches: Iterable[Any],
 
     The plain SVD split keeps what is largest in ``W``; this one keeps what is largest in ``W x`` for the inputs the
     model actually sees (the SVD of ``W L`` with ``E[x x^T] = L L^T``, as in ASVD / SVD-LLM), so the part that fades out
-    with ``W`` carries less of the layer's function. The model's output does not change. For Linear, Conv1D and fused
-    layers; each keeps an ``in x in`` second-moment matrix while batches run.
+    with ``W`` carries less of the layer's function. The model's output does not change. For Linear, Conv1D, Conv2d
+    (``x`` its input patches, as the kernel sees them) and fused layers; each keeps an ``in x in`` second-moment matrix
+    (``in * kh * kw`` for a convolution) while batches run.
 
     Args:
         model: The PEFT model (or its tuner) carrying the adapter, at step 0.
@@ -85,14 +86,14 @@ def initialize_from_activations(model: nn.Module, batches: Iterable[Any],
     for name, layer in layers.items():  # check everything before changing anything
         check_not_partitioned(layer.get_base_layer().weight)
         step = layer.decaylora_schedule[adapter_name].step
-        if layer.kind is Conv2dKind or step != 0:
-            raise ValueError(f"{name}: activation-aware initialisation needs a linear layer (Linear, Conv1D, fused) "
-                             f"whose adapter has not started training (step {step}). The model was not changed.")
+        if step != 0:
+            raise ValueError(f"{name}: activation-aware initialisation needs an adapter that has not started training "
+                             f"(step {step}). The model was not changed.")
     grams = {name: [0.0, 0] for name in layers}
 
     def collect(name):
         def hook(module, args):
-            inputs = args[0].detach().reshape(-1, module.in_features).float()
+            inputs = module.kind.patches(module.get_base_layer(), args[0].detach()).float()
             grams[name][0] = grams[name][0] + inputs.T @ inputs
             grams[name][1] += inputs.shape[0]
         return hook

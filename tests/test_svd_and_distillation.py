@@ -202,6 +202,37 @@ def test_activation_aware_init_is_the_best_rank_r_fit_on_the_calibration_inputs(
     assert error(model) < 0.8 * error(plain)  # the plain SVD of W fits the outputs clearly worse
 
 
+@pytest.mark.parametrize("make_conv", [
+    lambda: nn.Conv2d(3, 10, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(3, 10, (3, 1), padding="same", dilation=2, padding_mode="reflect", bias=False),
+    lambda: nn.Conv2d(12, 10, 1),
+], ids=["strided", "same-reflect", "pointwise"])
+def test_activation_aware_init_of_a_convolution_is_the_best_rank_r_fit_on_its_input_patches(make_conv):
+    torch.manual_seed(0)
+    conv = make_conv()
+    reference = nn.Sequential(copy.deepcopy(conv))
+    model = get_peft_model(nn.Sequential(conv), DecayLoraConfig(r=2, target_modules=["0"], total_steps=TOTAL))
+    plain = copy.deepcopy(model)
+    # channels of very different scale, and a smooth image, so the patch statistics are far from isotropic
+    images = torch.randn(8, conv.in_channels, 9, 9).cumsum(-1) * torch.logspace(0, -2, conv.in_channels)[:, None, None]
+    initialize_from_activations(model, [images])
+    torch.testing.assert_close(model(images), reference(images))  # the model did not change
+
+    def output_error(peft_model):  # how far the starting rank-2 convolution is from the original on these images
+        layer = peft_model.base_model.model[0]
+        kernel = layer.get_delta_weight("default", decay=0.0)
+        return torch.linalg.vector_norm(layer.get_base_layer()._conv_forward(images, conv.weight - kernel, None))
+
+    # Eckart-Young on the unfolded patches: no rank-2 kernel reproduces the outputs better
+    patches = torch.nn.functional.unfold(torch.nn.functional.pad(
+        images, conv._reversed_padding_repeated_twice, mode="constant" if conv.padding_mode == "zeros" else
+        conv.padding_mode), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    outputs = conv.weight.detach().flatten(1) @ patches.transpose(0, 1).flatten(1)
+    best = torch.linalg.svdvals(outputs)[2:].square().sum().sqrt()
+    assert output_error(model).item() == pytest.approx(best.item(), rel=1e-3)
+    assert output_error(model) < 0.8 * output_error(plain)
+
+
 def test_activation_aware_init_with_fewer_calibration_rows_than_inputs_keeps_the_model():
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(512, 32))
@@ -239,6 +270,3 @@ def test_activation_aware_init_refuses_what_it_cannot_refine_and_changes_nothing
     with pytest.raises(ValueError, match="has not started training"):
         initialize_from_activations(model, [x])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    conv = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3)), DecayLoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises(ValueError, match="linear layer"):
-        initialize_from_activations(conv, [torch.randn(1, 3, 5, 5)])
