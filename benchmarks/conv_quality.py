@@ -41,11 +41,8 @@ import torch.nn.functional as F
 import peft_decaylora
 from common import REPO, hardware, markdown_table, write_section
 
-from image_classification_conv import evaluate, latencies, n_params, preprocess, pretrained_mobilenet_v2  # noqa: E402
-
-# every convolution with groups == 1: the stem, block 1's project (it has no expand), blocks 2-17's expand and
-# project, the last 1 x 1
-FULL_CONVOLUTIONS = r"features\.0\.0|features\.1\.conv\.1|features\.([2-9]|1[0-7])\.conv\.(0\.0|2)|features\.18\.0"
+from image_classification_conv import (  # noqa: E402
+    FULL_CONVOLUTIONS, evaluate, latencies, n_params, preprocess, pretrained_mobilenet_v2)
 METHODS = {"full": None, "lora": None, "decaylora-2x": 0.5, "decaylora-4x": 0.25}
 
 
@@ -65,7 +62,7 @@ def build(method: str, base, total_steps: int, overrides: dict, train_norms: boo
     return get_peft_model(model, config)
 
 
-def run(method: str, seed: int, overrides: dict, args, data) -> dict:
+def run(method: str, seed: int, overrides: dict, calibration: int, args, data) -> dict:
     train_images, train_labels, test_images, test_labels = data
     torch.manual_seed(seed)
     base = pretrained_mobilenet_v2(10)
@@ -77,10 +74,10 @@ def run(method: str, seed: int, overrides: dict, args, data) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.06,
                                                     anneal_strategy="linear")
     if method.startswith("decaylora"):
-        if args.calibrate:  # the activation-aware split (ASVD style) from the first training batches
+        if calibration:  # the activation-aware split (ASVD style) from the first training batches
             peft_decaylora.initialize_from_activations(model, [
                 preprocess(train_images[i * args.batch_size:(i + 1) * args.batch_size], args.image_size)
-                for i in range(args.calibrate)])
+                for i in range(calibration)])
         peft_decaylora.attach_schedule(model, optimizer)
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -104,7 +101,7 @@ def run(method: str, seed: int, overrides: dict, args, data) -> dict:
     latency = latencies({"original": pretrained_mobilenet_v2(10), "final": final}, test_images, args.image_size)
     return {"method": method, "seed": seed, "lr": lr, "config": overrides, "epochs": args.epochs,
             "train_norms": args.norms and method != "full",
-            "calibration_batches": args.calibrate if method.startswith("decaylora") else 0,
+            "calibration_batches": calibration,
             "train_size": len(train_images), "image_size": args.image_size,
             "accuracy": evaluate(final, test_images, test_labels, args.image_size),
             "parameters": n_params(final), "original_parameters": n_params(base),
@@ -152,8 +149,9 @@ def main():
                         "defaults; several: each is run")
     parser.add_argument("--norms", action="store_true", help="LoRA and DecayLoRA train the BatchNorm layers too "
                         "(modules_to_save), as full fine-tuning does")
-    parser.add_argument("--calibrate", type=int, default=0, metavar="N", help="DecayLoRA starts from the "
-                        "activation-aware split (initialize_from_activations) on N training batches; 0: the plain SVD")
+    parser.add_argument("--calibrate", type=int, nargs="+", default=[0], metavar="N", help="DecayLoRA starts from "
+                        "the activation-aware split (initialize_from_activations) on N training batches; 0: the plain "
+                        "SVD split; several: each is run")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "conv_quality_results.jsonl"))
     parser.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --results")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
@@ -176,18 +174,20 @@ def main():
 
     configs = [json.loads(text) for text in args.decaylora]
 
-    def asked(row) -> bool:  # the method, lr and (for DecayLoRA) a config asked for
+    def variants(method: str) -> list[tuple[dict, int]]:  # (config, calibration batches) pairs a method runs with
+        return [(c, n) for c in configs for n in args.calibrate] if method.startswith("decaylora") else [({}, 0)]
+
+    def asked(row) -> bool:  # the method, lr and (for DecayLoRA) a config and calibration asked for
         return (row["method"] in methods and row["lr"] == lrs.get(row["method"], args.lr)
                 and row.get("train_norms", False) == (args.norms and row["method"] != "full")
-                and row.get("calibration_batches", 0) == (args.calibrate if row["method"].startswith("decaylora") else 0)
-                and row.get("config", {}) in (configs if row["method"].startswith("decaylora") else [{}]))
+                and (row.get("config", {}), row.get("calibration_batches", 0)) in variants(row["method"]))
 
     for seed in seeds:
-        for method, config in [(m, c) for m in methods for c in (configs if m.startswith("decaylora") else [{}])]:
-            if args.no_run or any((r["seed"], r["method"], r.get("config", {})) == (seed, method, config) and asked(r)
-                                  for r in done):
+        for method, (config, calibration) in [(m, v) for m in methods for v in variants(m)]:
+            if args.no_run or any((r["seed"], r["method"], r.get("config", {}), r.get("calibration_batches", 0))
+                                  == (seed, method, config, calibration) and asked(r) for r in done):
                 continue
-            row = run(method, seed, config, args, data)
+            row = run(method, seed, config, calibration, args, data)
             print(json.dumps(row), flush=True)
             done.append(row)
             with path.open("a") as f:

@@ -378,9 +378,11 @@ def test_conv_example_model_loads_the_imagenet_weights_and_targets_only_full_con
     finally:
         sys.path.remove(str(REPO / "examples"))
     model = example.pretrained_mobilenet_v2(num_classes=10)  # strict load of torchvision's state dict
-    peft_model = get_peft_model(model, DecayLoraConfig(r=4, target_modules=example.TARGETS, modules_to_save=["classifier"]))
-    adapted = [k for k, m in peft_model.named_modules() if isinstance(m, DecayLoraModule)]
-    assert len(adapted) == 8 and all(m.groups == 1 for m in (peft_model.get_submodule(k).get_base_layer()
-                                                              for k in adapted))
+    full_convolutions = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    peft_model = get_peft_model(model, DecayLoraConfig(r=4, target_modules=example.FULL_CONVOLUTIONS,
+                                                       modules_to_save=["classifier"]))
+    adapted = {k.removeprefix("base_model.model.") for k, m in peft_model.named_modules()
+               if isinstance(m, DecayLoraModule)}
+    assert adapted == full_convolutions and len(adapted) == 35
     with pytest.raises(TypeError, match="depthwise"):
         get_peft_model(example.MobileNetV2(10), DecayLoraConfig(r=4, target_modules=[r"features.15.conv.1.0"]))
