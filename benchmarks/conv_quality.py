@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -198,7 +199,7 @@ def main():
     if args.no_write:
         return
     body = (f"### Convolutions: MobileNetV2 on Fashion-MNIST\n\n`python benchmarks/conv_quality.py "
-            f"{' '.join(sys.argv[1:])}`\n\nImageNet MobileNetV2, every full convolution adapted (35 layers); "
+            f"{shlex.join(sys.argv[1:])}`\n\nImageNet MobileNetV2, every full convolution adapted (35 layers); "
             f"{args.train_size} training images at {args.image_size} x {args.image_size}, {args.epochs} epochs, "
             f"{args.test_size} test images; accuracy of the final network (DecayLoRA compressed, LoRA merged), mean "
             f"(min-max) over seeds {seeds}; CPU latency of 250 images against the original network, median over "

@@ -12,10 +12,19 @@ inverted-residual blocks and the final 1 x 1 convolution (35 layers, 2.1M of the
 depthwise convolutions (``groups == channels``) cannot hold a dense low-rank update and are not targeted (DecayLoRA
 raises a ``TypeError`` naming them if they are). ``keep_fraction=0.5`` gives each the rank that keeps half its
 parameters; before training, ``initialize_from_activations`` fits each layer's starting factors to its input patches on
-8 training batches (the activation-aware split: on this network it is what brings the compressed model to full
-fine-tuning's accuracy, BENCHMARKS.md). The new 10-class head is trained in full (``modules_to_save``). The loop is
+8 training batches (the activation-aware split), and ``W`` is gone at half the steps (``decay_end=0.5``): on this
+network these two bring the compressed model to full fine-tuning's accuracy (BENCHMARKS.md). The new 10-class head is trained in full (``modules_to_save``). The loop is
 plain PyTorch: ``attach_schedule`` advances the decay once per optimizer step. After training every adapted
 ``Conv2d(in, out, k)`` becomes ``Conv2d(in, r, k)`` then ``Conv2d(r, out, 1)``.
+
+Measured with the defaults (6,000 training images, 3 epochs = 279 steps of 64, 64 x 64 inputs, lr 1e-3; 2 CPU cores;
+150 s wall time; full fine-tuning and LoRA of the same network: BENCHMARKS.md):
+                                before    compressed
+    test accuracy               0.9015        0.9015    (2,000 Fashion-MNIST test images; before = DecayLoRA model)
+    adapted-layer parameters  2,125,536     1,073,549
+    total parameters          2,236,682     1,184,695
+    CPU latency / 250 images    409 ms        375 ms    (before = the original architecture)
+The adapted layers run at a few pixels, so they hold most of the parameters but little of the compute.
 """
 
 from __future__ import annotations
@@ -141,6 +150,8 @@ def main(argv=None) -> dict:
                    "parameters kept once compressed (0.5: about 2x).")
     p.add_argument("--calibration-batches", type=int, default=8, help="Training batches for the activation-aware "
                    "split; 0: the plain SVD split of each kernel.")
+    p.add_argument("--decay-end", type=float, default=0.5, help="Fraction of the steps after which W is gone: a "
+                   "convolutional network needs more steps without it than the library's default 0.9 leaves.")
     p.add_argument("--target-modules", default=FULL_CONVOLUTIONS, help="Regex of the Conv2d modules to adapt.")
     p.add_argument("--train-size", type=int, default=6000)
     p.add_argument("--test-size", type=int, default=2000)
@@ -172,7 +183,7 @@ def main(argv=None) -> dict:
     steps_per_epoch = len(train_images) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     config = DecayLoraConfig(target_modules=args.target_modules, keep_fraction=args.keep_fraction,
-                             total_steps=total_steps, modules_to_save=["classifier"])
+                             total_steps=total_steps, decay_end=args.decay_end, modules_to_save=["classifier"])
     model = get_peft_model(base, config)
     model.print_trainable_parameters()
     if args.calibration_batches:
