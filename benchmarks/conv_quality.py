@@ -43,7 +43,7 @@ import peft_decaylora
 from common import REPO, hardware, markdown_table, write_section
 
 from image_classification_conv import (  # noqa: E402
-    FULL_CONVOLUTIONS, evaluate, latencies, n_params, preprocess, pretrained_mobilenet_v2)
+    FULL_CONVOLUTIONS, evaluate, first_batches, latencies, n_params, preprocess, pretrained_mobilenet_v2)
 METHODS = {"full": None, "lora": None, "decaylora-2x": 0.5, "decaylora-4x": 0.25}
 
 
@@ -76,9 +76,8 @@ def run(method: str, seed: int, overrides: dict, calibration: int, args, data) -
                                                     anneal_strategy="linear")
     if method.startswith("decaylora"):
         if calibration:  # the activation-aware split (ASVD style) from the first training batches
-            peft_decaylora.initialize_from_activations(model, [
-                preprocess(train_images[i * args.batch_size:(i + 1) * args.batch_size], args.image_size)
-                for i in range(calibration)])
+            peft_decaylora.initialize_from_activations(
+                model, first_batches(train_images, calibration, args.batch_size, args.image_size))
         peft_decaylora.attach_schedule(model, optimizer)
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()

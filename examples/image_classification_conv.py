@@ -13,9 +13,10 @@ depthwise convolutions (``groups == channels``) cannot hold a dense low-rank upd
 raises a ``TypeError`` naming them if they are). ``keep_fraction=0.5`` gives each the rank that keeps half its
 parameters; before training, ``initialize_from_activations`` fits each layer's starting factors to its input patches on
 8 training batches (the activation-aware split), and ``W`` is gone at half the steps (``decay_end=0.5``): on this
-network these two bring the compressed model to full fine-tuning's accuracy (BENCHMARKS.md). The new 10-class head is trained in full (``modules_to_save``). The loop is
-plain PyTorch: ``attach_schedule`` advances the decay once per optimizer step. After training every adapted
-``Conv2d(in, out, k)`` becomes ``Conv2d(in, r, k)`` then ``Conv2d(r, out, 1)``.
+network these two bring the compressed model to full fine-tuning's accuracy (BENCHMARKS.md). The new 10-class head
+is trained in full (``modules_to_save``). The loop is plain PyTorch: ``attach_schedule`` advances the decay once per
+optimizer step. After training every adapted ``Conv2d(in, out, k)`` becomes ``Conv2d(in, r, k)`` then
+``Conv2d(r, out, 1)``.
 
 Measured with the defaults (6,000 training images, 3 epochs = 279 steps of 64, 64 x 64 inputs, lr 1e-3; 2 CPU cores;
 150 s wall time; full fine-tuning and LoRA of the same network: BENCHMARKS.md):
@@ -108,6 +109,11 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
+def first_batches(images: torch.Tensor, count: int, batch_size: int, size: int) -> list[torch.Tensor]:
+    """The first ``count`` preprocessed batches: calibration inputs for ``initialize_from_activations``."""
+    return [preprocess(images[i * batch_size:(i + 1) * batch_size], size) for i in range(count)]
+
+
 @torch.inference_mode()
 def evaluate(model, images, labels, size, batch_size=250) -> float:
     model.eval()
@@ -187,8 +193,8 @@ def main(argv=None) -> dict:
     model = get_peft_model(base, config)
     model.print_trainable_parameters()
     if args.calibration_batches:
-        initialize_from_activations(model, [preprocess(train_images[i * args.batch_size:(i + 1) * args.batch_size],
-                                                       args.image_size) for i in range(args.calibration_batches)])
+        initialize_from_activations(model, first_batches(train_images, args.calibration_batches, args.batch_size,
+                                                         args.image_size))
     adapted = [k for k, m in model.named_modules() if hasattr(m, "decaylora_A")]
     adapted_before = sum(n_params(model.get_submodule(k).get_base_layer()) for k in adapted)
 
