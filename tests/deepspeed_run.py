@@ -110,6 +110,8 @@ def main():
         found = refusals(rank, world)
         if rank == 0:
             (Path(options.out) / "refused.json").write_text(json.dumps(found, indent=1))
+        # leave together: one rank tearing down while the other still writes once aborted a CI run (SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
