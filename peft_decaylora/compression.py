@@ -39,6 +39,9 @@ class CompressedLayer(nn.Module):
                  fused_layout: Optional[dict] = None, frozen: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.down, self.up, self.frozen = down, up, frozen
+        if type(up) is nn.Linear:  # B laid out as (r, out) rows: greedy decoding at 40% reduction went from 1.12x
+            # to 1.24x the dense model's speed at batch 1, 1.17x to 1.30x at batch 8 (causal_lm.py --decoding)
+            up.weight = nn.Parameter(up.weight.detach().t().contiguous().t(), requires_grad=up.weight.requires_grad)
         self.kind = kind  # the type of the layer it replaces ("Linear", "Conv1D", "Conv2d"), for the record
         self.fused_layout = fused_layout  # {"sizes", "repeat", "enable"} of a fused projection
         if frozen is not None:
@@ -199,7 +202,8 @@ def save_compressed(model: nn.Module, directory: Union[str, os.PathLike], tokeni
                 "compressed_modules": {key: module_spec(module) for key, module in layers.items()}}
     if is_transformers:
         model.config.save_pretrained(directory)
-    save_model(model, str(directory / COMPRESSED_WEIGHTS_NAME), metadata={"format": "pt"})
+    save_model(model, str(directory / COMPRESSED_WEIGHTS_NAME), metadata={"format": "pt"},
+               force_contiguous=True)  # the up weights are laid out transposed
     (directory / COMPRESSED_CONFIG_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
