@@ -20,16 +20,15 @@ the dense model, dense LoRA (merged) and the compressed DecayLoRA model, and sav
 results.
 
 Measured with the defaults (60 steps each, DecayLoRA lr 2e-4 and ``decay_end=0.3``, the best of a short search in
-docs/ablations.md; 2 idle CPU cores, 753 s wall time; step time DecayLoRA / LoRA 1.17x):
+docs/ablations.md; 2 CPU cores (AMD EPYC), 1084 s wall time; step time DecayLoRA / LoRA 1.35x):
                                   perplexity    parameters     MiB  tokens/s (batch 1)
-    dense                              30.06   134,515,008     513                17.1
-    dense LoRA (merged)                20.36   134,515,008     513                17.5
-    DecayLoRA, 20% compressed          28.54   113,375,808     433                13.6
+    dense                              30.06   134,515,008     513                12.9
+    dense LoRA (merged)                20.36   134,515,008     513                12.7
+    DecayLoRA, 20% compressed          28.54   113,375,808     433                17.0
 The compressed model is better than the dense one on the domain, but 40% worse than dense LoRA. Its decoding speed
 here is measured with the idle OpenMP threads sleeping (``OMP_WAIT_POLICY=PASSIVE``, set below for training on shared
-cores), which slows decoding, the compressed model's twice as many small products most: with spinning threads
-(``OMP_WAIT_POLICY=ACTIVE python examples/causal_lm_accelerate.py``) it is faster than the dense model, by the margins
-of ``python benchmarks/causal_lm.py --decoding`` (BENCHMARKS.md).
+cores); ``python benchmarks/causal_lm.py --decoding`` measures it with spinning threads, at every reduction
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
