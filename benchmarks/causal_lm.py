@@ -292,7 +292,7 @@ def main():
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--model", default=None, help="a Hub name or local path instead of the packaged SmolLM2")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--results", default=str(REPO / "outputs" / "causal_lm" / "results.jsonl"))
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "causal_lm_results.jsonl"))
     parser.add_argument("--decoding", action="store_true", help="measure decoding speed and weight memory instead")
     parser.add_argument("--new-tokens", type=int, default=32, help="--decoding: tokens generated per prompt")
     parser.add_argument("--prompt-len", type=int, default=64, help="--decoding: prompt tokens")
