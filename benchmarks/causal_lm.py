@@ -23,7 +23,7 @@ Each run is a line of ``--results`` (resumable: finished runs are not repeated);
 same process, interleaved. The speed depends only on the shapes, so the compressed models there are the truncated
 ones (the same layers a compressed DecayLoRA model has).
 
-    python benchmarks/causal_lm.py                                   # the whole table, about 3 hours on 2 CPU cores
+    python benchmarks/causal_lm.py                                   # the whole table, about 4.5 hours on 2 CPU cores
     python benchmarks/causal_lm.py --methods lora --lr 1e-4,3e-4,1e-3 --no-write   # tune one method's rate
     python benchmarks/causal_lm.py --decoding                        # decoding speed and memory, a few minutes
 """
@@ -213,10 +213,19 @@ def run(spec, args, base, blocks):
     }
 
 
-def run_key(row) -> str:
-    keys = ("method", "reduction", "lr", "steps", "batch_size", "seq_len", "seed", "lora_r", "calibration_blocks",
-            "decaylora")
+SETTING = ("method", "reduction", "steps", "batch_size", "seq_len", "seed", "lora_r", "calibration_blocks")
+
+
+def run_key(row, keys=SETTING + ("lr", "decaylora")) -> str:
     return json.dumps({k: row.get(k) for k in keys}, sort_keys=True)
+
+
+def label(row) -> str:
+    """The method, its learning rate and DecayLoRA's config fields other than the defaults."""
+    if row["method"] not in TRAINED:
+        return row["method"]
+    overrides = "".join(f", {k}={v}" for k, v in sorted(row.get("decaylora", {}).items()))
+    return f"{row['method']}, lr {row['lr']:g}{overrides}"
 
 
 def table(rows, args) -> str:
@@ -225,17 +234,21 @@ def table(rows, args) -> str:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     lines = []
     for row in sorted(rows, key=lambda r: (r["reduction"] if r["method"] not in ("dense", "lora", "full") else 0,
-                                           METHODS.index(r["method"]), r["lr"])):
+                                           METHODS.index(r["method"]), r["lr"], label(r))):
         reduction = "-" if row["method"] in ("dense", "lora", "full") else f"{row['reduction']:.0%}"
         step = f"{row['step_seconds'] / lora_step:.2f}x" if lora_step and row.get("step_seconds") else "-"
         kept = f"{row['block_linear_parameters'] / dense['block_linear_parameters']:.0%}" if dense else "?"
-        lines.append([row["method"] + ("" if row["method"] not in TRAINED else f", lr {row['lr']:g}"), reduction,
-                      f"{row['perplexity']:.2f}", f"{row['prose_perplexity']:.2f}",
+        lines.append([label(row), reduction,
+                      ppl(row["perplexity"]), ppl(row["prose_perplexity"]),
                       f"{row['block_linear_parameters'] / 1e6:.1f}M ({kept})", f"{row['parameters'] / 1e6:.1f}M",
                       f"{row['size_bytes'] / 2**20:.0f}", step])
     return markdown_table(["method", "reduction of the block linears", "held-out perplexity (TV dialogue)",
                            "out-of-domain perplexity (tales, books)", "block-linear parameters", "total parameters",
                            "MiB on disk", "step time vs dense LoRA"], lines)
+
+
+def ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e4 else f"{value:.2e}"
 
 
 def weight_bytes(model) -> int:
@@ -344,8 +357,8 @@ def main():
             with path.open("a") as f:
                 f.write(json.dumps(result) + "\n")
             done.append(result)
-    asked = {run_key(job) for job in jobs}
-    rows = [row for row in done if run_key(row) in asked]
+    asked = {run_key(job, SETTING) for job in jobs}  # every learning rate and DecayLoRA variant run at these settings
+    rows = [row for row in done if run_key(row, SETTING) in asked]
     text = table(rows, args)
     print(text)
     if not args.no_write:
