@@ -14,7 +14,13 @@ Methods (``--methods``):
   SVD-LLM); neither is trained. ``svd-lora`` / ``whitened-lora``: the same, then LoRA recovery fine-tuning on the
   factors (SVD-LLM's recipe), merged back at the end.
 - ``decaylora``: DecayLoRA with the library's defaults at ``keep_fraction = 1 - reduction``, the split fitted to the
-  same calibration tokens (``DecayLoraCallback(calibration_batches=...)``'s call), then compressed.
+  same calibration tokens (``DecayLoraCallback(calibration_batches=...)``'s call), then compressed. ``--decaylora``
+  changes config fields; ``--freeze-a`` trains only ``B`` and ``C`` (as LoRA-FA does), which saves ``A``'s weight
+  gradient, about a sixth of a compressed layer's training arithmetic at 20% reduction.
+
+Every trained method uses AdamW; ``--fused-adamw`` makes it ``AdamW(fused=True)`` for all of them (on CPU torch's
+default is a loop of operators per tensor, which costs most where most is trained: DecayLoRA's factors), and each
+step time is compared with dense LoRA's under the same optimizer.
 
 Each run is a line of ``--results`` (resumable: finished runs are not repeated); the table goes to BENCHMARKS.md.
 
@@ -149,6 +155,10 @@ def build(spec: dict, base, calibration):
         model = get_peft_model(model, config)
         if spec["calibration_blocks"]:
             peft_decaylora.initialize_from_activations(model, [{"input_ids": b} for b in calibration.split(8)])
+        if spec.get("freeze_a"):  # train B and C only (as LoRA-FA does): no weight gradient for A
+            for name, parameter in model.named_parameters():
+                if ".decaylora_A." in name:
+                    parameter.requires_grad_(False)
         return model
     return model  # dense
 
@@ -158,7 +168,8 @@ def train(model, spec, train_blocks, curve=None):
     to append ``(step, held-out perplexity)`` to while training."""
     steps, batch = spec["steps"], spec["batch_size"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=0.0)
+    # fused: one kernel per tensor instead of torch's per-tensor loop of a dozen operators, which is CPU's default
+    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=0.0, fused=spec.get("fused_adamw"))
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: min((t + 1) / warmup, max(0.0, (steps - t) / (steps - warmup))))
@@ -216,7 +227,7 @@ def run(spec, args, base, blocks):
 SETTING = ("method", "reduction", "steps", "batch_size", "seq_len", "seed", "lora_r", "calibration_blocks")
 
 
-def run_key(row, keys=SETTING + ("lr", "decaylora")) -> str:
+def run_key(row, keys=SETTING + ("lr", "decaylora", "freeze_a", "fused_adamw")) -> str:
     return json.dumps({k: row.get(k) for k in keys}, sort_keys=True)
 
 
@@ -225,18 +236,22 @@ def label(row) -> str:
     if row["method"] not in TRAINED:
         return row["method"]
     overrides = "".join(f", {k}={v}" for k, v in sorted(row.get("decaylora", {}).items()))
-    return f"{row['method']}, lr {row['lr']:g}{overrides}"
+    return (f"{row['method']}, lr {row['lr']:g}{overrides}" + (", A frozen" if row.get("freeze_a") else "")
+            + (", fused AdamW" if row.get("fused_adamw") else ""))
 
 
 def table(rows, args) -> str:
-    lora = [r for r in rows if r["method"] == "lora" and r.get("step_seconds")]
-    lora_step = statistics.mean(r["step_seconds"] for r in lora) if lora else None
+    lora_steps = {}  # dense LoRA's step with the same optimizer
+    for row in rows:
+        if row["method"] == "lora" and row.get("step_seconds"):
+            lora_steps.setdefault(bool(row.get("fused_adamw")), []).append(row["step_seconds"])
     dense = next((r for r in rows if r["method"] == "dense"), None)
     lines = []
     for row in sorted(rows, key=lambda r: (r["reduction"] if r["method"] not in ("dense", "lora", "full") else 0,
                                            METHODS.index(r["method"]), r["lr"], label(r))):
         reduction = "-" if row["method"] in ("dense", "lora", "full") else f"{row['reduction']:.0%}"
-        step = f"{row['step_seconds'] / lora_step:.2f}x" if lora_step and row.get("step_seconds") else "-"
+        lora_step = lora_steps.get(bool(row.get("fused_adamw")))
+        step = f"{row['step_seconds'] / statistics.mean(lora_step):.2f}x" if lora_step and row.get("step_seconds") else "-"
         kept = f"{row['block_linear_parameters'] / dense['block_linear_parameters']:.0%}" if dense else "?"
         lines.append([label(row), reduction,
                       ppl(row["perplexity"]), ppl(row["prose_perplexity"]),
@@ -298,6 +313,8 @@ def main():
     parser.add_argument("--calibration-blocks", type=int, default=32, help="training blocks fitting the whitened "
                         "truncation and DecayLoRA's split")
     parser.add_argument("--decaylora", default="{}", help="JSON of DecayLoraConfig fields other than the defaults")
+    parser.add_argument("--freeze-a", action="store_true", help="decaylora: train B and C only, A kept at its start")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for every trained method")
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument("--eval-len", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=0, help="also record held-out perplexity (on a quarter of "
@@ -339,7 +356,9 @@ def main():
                          "steps": args.steps if method in TRAINED else 0, "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "lora_r": args.lora_r,
                          "calibration_blocks": args.calibration_blocks if method.startswith(("whitened", "decay"))
-                         else 0, **({"decaylora": decaylora} if method == "decaylora" and decaylora else {})})
+                         else 0, **({"decaylora": decaylora} if method == "decaylora" and decaylora else {}),
+                         **({"freeze_a": True} if method == "decaylora" and args.freeze_a else {}),
+                         **({"fused_adamw": True} if method in TRAINED and args.fused_adamw else {})})
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
