@@ -24,6 +24,12 @@ step time is compared with dense LoRA's under the same optimizer.
 
 Each run is a line of ``--results`` (resumable: finished runs are not repeated); the table goes to BENCHMARKS.md.
 
+``--step-time`` times training steps instead, the models taking turns in one process (so that a slower machine or
+a neighbour's load costs each alike, which separate runs' means do not promise): dense LoRA against DecayLoRA at
+each reduction, with ``A`` trained or frozen, under torch's default AdamW and the fused one, at ``d = 0.5`` (as
+every step of the decay, which computes the frozen product) and ``d = 0``; "whole run" weighs the two phases as
+the default schedule does (90% of the steps before ``decay_end``).
+
 ``--decoding`` measures instead what a compressed model saves at inference: new tokens per second of greedy
 ``generate()`` (KV cache) at batch 1 and 8 and the weights' memory, each reduction against the dense model in the
 same process, interleaved. The speed depends only on the shapes, so the compressed models there are the truncated
@@ -32,6 +38,7 @@ ones (the same layers a compressed DecayLoRA model has).
     python benchmarks/causal_lm.py                                   # the whole table, about 4.5 hours on 2 CPU cores
     python benchmarks/causal_lm.py --methods lora --lr 1e-4,3e-4,1e-3 --no-write   # tune one method's rate
     python benchmarks/causal_lm.py --decoding                        # decoding speed and memory, a few minutes
+    python benchmarks/causal_lm.py --step-time --reductions 0.2      # step time against dense LoRA, about 15 min
 """
 
 from __future__ import annotations
@@ -132,6 +139,14 @@ def truncated(model, keep_fraction, calibration=None):
     return peft_model.compress_and_unload()
 
 
+def freeze_a(model):
+    """Train B and C only (as LoRA-FA does): no weight gradient, and no optimizer state, for A."""
+    for name, parameter in model.named_parameters():
+        if ".decaylora_A." in name:
+            parameter.requires_grad_(False)
+    return model
+
+
 def build(spec: dict, base, calibration):
     """The model to train (or evaluate) for ``spec``."""
     from peft import LoraConfig, get_peft_model
@@ -155,11 +170,7 @@ def build(spec: dict, base, calibration):
         model = get_peft_model(model, config)
         if spec["calibration_blocks"]:
             peft_decaylora.initialize_from_activations(model, [{"input_ids": b} for b in calibration.split(8)])
-        if spec.get("freeze_a"):  # train B and C only (as LoRA-FA does): no weight gradient for A
-            for name, parameter in model.named_parameters():
-                if ".decaylora_A." in name:
-                    parameter.requires_grad_(False)
-        return model
+        return freeze_a(model) if spec.get("freeze_a") else model
     return model  # dense
 
 
@@ -297,6 +308,58 @@ def decoding(base, prompts, args) -> str:
                            "vs dense", "weights (MiB)", "vs dense"], lines)
 
 
+def step_times(base, train_blocks, args) -> str:
+    """Median step seconds of dense LoRA and of DecayLoRA (A trained or frozen) under each AdamW, interleaved."""
+    from peft import LoraConfig, get_peft_model
+
+    x = train_blocks[: args.batch_size]
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                                          target_modules=BLOCK_LINEARS))
+    models = {"dense LoRA": lora}
+    for reduction in floats(args.reductions):
+        config = peft_decaylora.DecayLoraConfig(target_modules=BLOCK_LINEARS, keep_fraction=1.0 - reduction,
+                                                total_steps=args.steps)
+        decay = get_peft_model(copy.deepcopy(base), config)
+        frozen = freeze_a(copy.deepcopy(decay))
+        models[f"DecayLoRA {reduction:.0%}"], models[f"DecayLoRA {reduction:.0%}, A frozen"] = decay, frozen
+    runs = {(name, fused): (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
+                                                     fused=fused or None))
+            for name, model in models.items() for fused in (False, True)}
+
+    def step(model, optimizer):
+        start = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    seconds = {}
+    for phase, position in (("d = 0.5", args.steps // 2), ("d = 0", args.steps)):
+        for name, model in models.items():
+            model.train()
+            if name != "dense LoRA":
+                model.base_model.set_step(position)
+        for run in runs.values():  # warm-up: optimizer state, allocator
+            step(*run)
+        times = {key: [] for key in runs}
+        for _ in range(args.rounds):
+            for key, run in runs.items():
+                times[key].append(step(*run))
+        for key, values in times.items():
+            seconds[key + (phase,)] = statistics.median(values)
+    decaying = peft_decaylora.DecayLoraConfig().decay_end  # the share of a default run's steps that compute W x
+    lines = []
+    for (name, fused) in runs:
+        lora = {phase: seconds[("dense LoRA", fused, phase)] for phase in ("d = 0.5", "d = 0")}
+        mine = {phase: seconds[(name, fused, phase)] for phase in ("d = 0.5", "d = 0")}
+        whole = decaying * mine["d = 0.5"] + (1 - decaying) * mine["d = 0"]
+        whole_lora = decaying * lora["d = 0.5"] + (1 - decaying) * lora["d = 0"]
+        lines.append([name, "fused" if fused else "default (per-tensor loop)",
+                      *(f"{mine[p]:.2f} ({mine[p] / lora[p]:.2f}x)" for p in ("d = 0.5", "d = 0")),
+                      f"{whole:.2f} ({whole / whole_lora:.2f}x)"])
+    return markdown_table(["model", "AdamW", "step s at d = 0.5 (vs dense LoRA)", "at d = 0", "whole run"], lines)
+
+
 def floats(text):
     return [float(v) for v in text.split(",")]
 
@@ -324,6 +387,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "causal_lm_results.jsonl"))
     parser.add_argument("--decoding", action="store_true", help="measure decoding speed and weight memory instead")
+    parser.add_argument("--step-time", action="store_true", help="time training steps against dense LoRA instead")
     parser.add_argument("--new-tokens", type=int, default=32, help="--decoding: tokens generated per prompt")
     parser.add_argument("--prompt-len", type=int, default=64, help="--decoding: prompt tokens")
     parser.add_argument("--rounds", type=int, default=5, help="--decoding: timed rounds")
@@ -344,6 +408,19 @@ def main():
                 f"{args.prompt_len}-token prompts of unseen episodes, {args.new_tokens} new tokens, median of "
                 f"{args.rounds} rounds timed alternately with the dense model; weights in float32; "
                 f"`OMP_WAIT_POLICY=ACTIVE`. "
+                f"Hardware: {hardware('cpu')}.\n\n{text}"))
+        return
+    if args.step_time:
+        base, tokenizer = load_model(args.model)
+        torch.manual_seed(0)
+        text = step_times(base, data(tokenizer, args)[0], args)
+        print(text)
+        if not args.no_write:
+            write_section("causal-lm-step-time", (
+                f"### Decoder LLM: training step time against dense LoRA\n\n"
+                f"`python benchmarks/causal_lm.py {' '.join(sys.argv[1:])}`\n\nSmolLM2-135M, all 7 block linears, "
+                f"batch {args.batch_size} x {args.seq_len} tokens of TV dialogue; forward, backward and AdamW step; "
+                f"median of {args.rounds} rounds in which every model takes one step in turn. LoRA r={args.lora_r}. "
                 f"Hardware: {hardware('cpu')}.\n\n{text}"))
         return
     decaylora = json.loads(args.decaylora)
