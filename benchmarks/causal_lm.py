@@ -15,12 +15,12 @@ Methods (``--methods``):
   factors (SVD-LLM's recipe), merged back at the end.
 - ``decaylora``: DecayLoRA with the library's defaults at ``keep_fraction = 1 - reduction``, the split fitted to the
   same calibration tokens (``DecayLoraCallback(calibration_batches=...)``'s call), then compressed. ``--decaylora``
-  changes config fields; ``--freeze-a`` trains only ``B`` and ``C`` (as LoRA-FA does), which saves ``A``'s weight
-  gradient, about a sixth of a compressed layer's training arithmetic at 20% reduction.
+  changes config fields; ``--freeze-a`` trains only ``B`` and ``C`` (as LoRA-FA does): no weight gradient or
+  optimizer state for ``A``.
 
-Every trained method uses AdamW; ``--fused-adamw`` makes it ``AdamW(fused=True)`` for all of them (on CPU torch's
-default is a loop of operators per tensor, which costs most where most is trained: DecayLoRA's factors), and each
-step time is compared with dense LoRA's under the same optimizer.
+Every trained method uses AdamW; ``--fused-adamw`` makes it ``AdamW(fused=True)`` for all of them (the Trainer's
+default optimizer; torch's own default on CPU loops over operators per tensor), and each step time is compared
+with dense LoRA's under the same optimizer.
 
 Each run is a line of ``--results`` (resumable: finished runs are not repeated); the table goes to BENCHMARKS.md.
 
@@ -179,7 +179,7 @@ def train(model, spec, train_blocks, curve=None):
     to append ``(step, held-out perplexity)`` to while training."""
     steps, batch = spec["steps"], spec["batch_size"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel per tensor instead of torch's per-tensor loop of a dozen operators, which is CPU's default
+    # fused: one kernel per tensor, as the Trainer's default (adamw_torch_fused); CPU's default loops over operators
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=0.0, fused=spec.get("fused_adamw"))
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -310,16 +310,12 @@ def decoding(base, prompts, args) -> str:
 
 def step_times(base, train_blocks, args) -> str:
     """Median step seconds of dense LoRA and of DecayLoRA (A trained or frozen) under each AdamW, interleaved."""
-    from peft import LoraConfig, get_peft_model
-
     x = train_blocks[: args.batch_size]
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                                          target_modules=BLOCK_LINEARS))
-    models = {"dense LoRA": lora}
+    spec = {"lora_r": args.lora_r, "calibration_blocks": 0}  # the split's fit changes values, not the step's work
+    models = {"dense LoRA": build({**spec, "method": "lora", "reduction": 0.0}, base, None)}
     for reduction in floats(args.reductions):
-        config = peft_decaylora.DecayLoraConfig(target_modules=BLOCK_LINEARS, keep_fraction=1.0 - reduction,
-                                                total_steps=args.steps)
-        decay = get_peft_model(copy.deepcopy(base), config)
+        decay = build({**spec, "method": "decaylora", "reduction": reduction}, base, None)
+        decay.base_model.set_total_steps(args.steps)
         frozen = freeze_a(copy.deepcopy(decay))
         models[f"DecayLoRA {reduction:.0%}"], models[f"DecayLoRA {reduction:.0%}, A frozen"] = decay, frozen
     runs = {(name, fused): (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
