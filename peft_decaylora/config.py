@@ -77,9 +77,11 @@ class DecayLoraConfig(PeftConfig):
             ``distillation_layers``) of the adapted network and of the pretrained one (the same model with the
             adapters bypassed, in eval mode, without gradients): one extra forward per step that holds what the fading
             ``W`` carried. The model must be a transformers model called with ``labels`` that returns ``loss``, else
-            the forward raises. "auto" (default): "hidden_states" where that holds, except for causal LMs (whose
-            teacher forward is the costliest, and whose TRL trainers compute the loss themselves); no teacher
-            otherwise. "off": no teacher.
+            the forward raises. "logits": the same teacher, and the term is instead ``KL(teacher || student)`` of the
+            output distributions, per trained token of a causal LM (labels of -100 skipped): it holds the
+            pretrained model's general text while a domain is learnt. "auto" (default): "hidden_states" where that
+            holds, except for causal LMs (whose teacher forward is the costliest, and whose TRL trainers compute the
+            loss themselves); no teacher otherwise. "off": no teacher.
         distillation_weight (`float`): Weight of the distillation term, >= 0 (default 3).
         distillation_schedule (`str`): "constant" (default): the weight stays ``distillation_weight`` throughout.
             "decay": it fades with the frozen weight, ``distillation_weight * d``, so the teacher lets go of the
@@ -116,7 +118,7 @@ class DecayLoraConfig(PeftConfig):
     fused_layouts: Optional[dict] = field(default_factory=dict)
     detect_fused_layouts: bool = True
     fused_enable: Optional[dict] = field(default_factory=dict)
-    distillation: Literal["auto", "hidden_states", "off"] = "auto"
+    distillation: Literal["auto", "hidden_states", "logits", "off"] = "auto"
     distillation_weight: float = 3.0
     distillation_schedule: Literal["constant", "decay"] = "constant"
     distillation_layers: Optional[list[int]] = field(default_factory=lambda: [-1])
@@ -184,7 +186,7 @@ RANGES = {"lora_dropout": (0.0, 1.0, "high"), "rank_by_depth": (-1.0, 1.0, ""), 
           "distillation_weight": (0.0, float("inf"), "")}
 CHOICES = {"init_weights": (True, False, "svd"), "decay_shape": ("linear", "cosine"),
            "noise": ("vanish", "keep", "off"), "noise_stats": ("tensor", "channel"),
-           "distillation": ("auto", "hidden_states", "off"), "distillation_schedule": ("constant", "decay")}
+           "distillation": ("auto", "hidden_states", "logits", "off"), "distillation_schedule": ("constant", "decay")}
 
 
 def _is_number(value, integer: bool = False) -> bool:

@@ -1,6 +1,6 @@
 """Self-distillation (docs/method.md, "Distillation"): in training, the loss the model returns gains the distance
-between hidden states of the adapted network and of the pretrained one, which is the same model with its DecayLoRA
-layers bypassed, run without gradients. It holds the representations that the fading ``W`` carried."""
+between hidden states (or output distributions) of the adapted network and of the pretrained one, which is the same
+model with its DecayLoRA layers bypassed, run without gradients. It holds what the fading ``W`` carried."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -15,9 +16,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .layer import single_active_adapter
 
 CAUSAL_LMS = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # "auto" runs no teacher for these
-NEEDS = ("DecayLoRA distillation='hidden_states' adds to the loss the model returns, so the model must be a "
-         "transformers model that returns `loss` and `hidden_states`, called with `labels` (TRL's trainers compute the "
-         "loss themselves and get none); use distillation='auto' or 'off' otherwise.")
+NEEDS = ("DecayLoRA distillation={mode!r} adds to the loss the model returns, so the model must be a transformers "
+         "model that returns `loss` and `{output}`, called with `labels` (TRL's trainers compute the loss themselves "
+         "and get none); use distillation='auto' or 'off' otherwise.")
 
 
 class Distillation:
@@ -26,7 +27,7 @@ class Distillation:
     def __init__(self, tuner) -> None:
         self.tuner = tuner
         self.teaching = False  # while the teacher runs
-        self.pending = None  # (weight, whether the caller asked for hidden states) of the forward in flight
+        self.pending = None  # (mode, weight, whether the caller asked for hidden states) of the forward in flight
         self.handles = (tuner.model.register_forward_pre_hook(self.request_hidden_states, with_kwargs=True),
                         tuner.model.register_forward_hook(self.add_loss, with_kwargs=True))
 
@@ -34,42 +35,49 @@ class Distillation:
         for handle in self.handles:
             handle.remove()
 
-    def weight(self, module: nn.Module, kwargs: dict) -> float:
-        """The weight of the distillation term for this forward: 0 unless training with distillation on."""
+    def mode_and_weight(self, module: nn.Module, kwargs: dict) -> tuple[str, float]:
+        """What this forward distils ("hidden_states" or "logits") and the term's weight: 0 unless training with
+        distillation on."""
         name = single_active_adapter(self.tuner.active_adapters)
         config = self.tuner.peft_config.get(name)
         if not module.training or config is None or config.distillation == "off":
-            return 0.0
+            return "off", 0.0
         usable = isinstance(module, PreTrainedModel) and kwargs.get("labels") is not None
-        if config.distillation == "auto" and (not usable or type(module).__name__ in CAUSAL_LMS):
-            return 0.0
+        mode = config.distillation
+        if mode == "auto":
+            if not usable or type(module).__name__ in CAUSAL_LMS:
+                return "off", 0.0
+            mode = "hidden_states"
         if not usable:
-            raise ValueError(NEEDS)
+            raise ValueError(NEEDS.format(mode=mode, output=mode))
         layer = next(self.tuner.layers(name), None)
         if layer is None or layer.disable_adapters or layer.merged:
-            return 0.0
+            return "off", 0.0
         fade = self.tuner.schedules[name].decay if config.distillation_schedule == "decay" else 1.0
-        return float(config.distillation_weight) * fade
+        return mode, float(config.distillation_weight) * fade
 
     def request_hidden_states(self, module, args, kwargs):
         if self.teaching:
             return None
-        weight = self.weight(module, kwargs)
-        self.pending = (weight, kwargs.get("output_hidden_states")) if weight else None
-        return (args, {**kwargs, "output_hidden_states": True}) if weight else None
+        mode, weight = self.mode_and_weight(module, kwargs)
+        self.pending = (mode, weight, kwargs.get("output_hidden_states")) if weight else None
+        return (args, {**kwargs, "output_hidden_states": True}) if weight and mode == "hidden_states" else None
 
     def add_loss(self, module, args, kwargs, outputs):
         if self.teaching or self.pending is None:
             return None
-        (weight, wants_hidden_states), self.pending = self.pending, None
+        (mode, weight, wants_hidden_states), self.pending = self.pending, None
         with torch.no_grad(), self.pretrained_network():
             teacher = module(*args, **kwargs)
-        if getattr(outputs, "loss", None) is None or getattr(teacher, "hidden_states", None) is None:
-            raise ValueError(NEEDS)
-        layers = self.tuner.peft_config[single_active_adapter(self.tuner.active_adapters)].distillation_layers
-        outputs.loss = outputs.loss + weight * hidden_state_distillation_loss(outputs.hidden_states,
-                                                                               teacher.hidden_states, layers)
-        if not wants_hidden_states:
+        if getattr(outputs, "loss", None) is None or getattr(teacher, mode, None) is None:
+            raise ValueError(NEEDS.format(mode=mode, output=mode))
+        if mode == "logits":
+            term = logit_distillation_loss(outputs.logits, teacher.logits, kwargs["labels"])
+        else:
+            layers = self.tuner.peft_config[single_active_adapter(self.tuner.active_adapters)].distillation_layers
+            term = hidden_state_distillation_loss(outputs.hidden_states, teacher.hidden_states, layers)
+        outputs.loss = outputs.loss + weight * term
+        if mode == "hidden_states" and not wants_hidden_states:
             outputs.hidden_states = None
         return outputs
 
@@ -113,3 +121,14 @@ def hidden_state_distillation_loss(student: tuple[torch.Tensor, ...], teacher: t
         pairs = [pairs[i] for i in layers]
     losses = [(s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in pairs]
     return torch.stack(losses).mean()
+
+
+def logit_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` of the output distributions, averaged over the positions that are trained: for
+    per-token logits ``(batch, length, classes)`` a causal LM's, position ``t`` predicting label ``t + 1`` (labels
+    of -100 skipped); otherwise over the batch."""
+    if student.dim() == 3 and labels.shape == student.shape[:2]:
+        kept = labels[:, 1:] != -100
+        student, teacher = student[:, :-1][kept], teacher[:, :-1][kept]
+    student, teacher = student.flatten(0, -2).float(), teacher.flatten(0, -2).float()
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")

@@ -121,3 +121,24 @@ def test_auto_distillation_runs_no_teacher_for_a_causal_lm_where_hidden_states_a
             losses[mode] = model.train()(input_ids=tokens, labels=tokens).loss
     assert torch.equal(losses["auto"], losses["off"])
     assert losses["hidden_states"] > losses["off"] + 1e-4
+
+
+def test_logit_distillation_adds_the_kl_to_the_pretrained_next_token_distribution_on_trained_positions():
+    tokens = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[1, 8:] = -100  # padding: neither its positions nor the one predicting it count
+    model = trained_decaylora(distillation="logits", distillation_weight=2.0)
+    model.base_model.set_step(TOTAL // 2)
+    with torch.no_grad():
+        with model.disable_adapter():
+            teacher = model.eval()(input_ids=tokens).logits
+        model.base_model.peft_config["default"].distillation = "off"
+        plain = model.train()(input_ids=tokens, labels=labels)
+        model.base_model.peft_config["default"].distillation = "logits"
+        distilled = model(input_ids=tokens, labels=labels)
+    kept = [(b, t) for b in range(2) for t in range(11) if labels[b, t + 1] != -100]
+    kl = sum(torch.sum(teacher[b, t].softmax(-1) * (teacher[b, t].log_softmax(-1) - plain.logits[b, t].log_softmax(-1)))
+             for b, t in kept) / len(kept)
+    assert kl > 1e-4
+    torch.testing.assert_close(distilled.logits, plain.logits)
+    torch.testing.assert_close(distilled.loss, plain.loss + 2.0 * kl)

@@ -170,7 +170,7 @@ def test_distillation_hooks_leave_with_the_adapter():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"init_weights": "pissa"}, "init_weights"), ({"distillation": "logits"}, "distillation"),
+    [({"init_weights": "pissa"}, "init_weights"), ({"distillation": "kl"}, "distillation"),
      ({"distillation_weight": -1.0}, "distillation_weight"), ({"distillation_weight": True}, "distillation_weight"),
      ({"distillation_schedule": "cosine"}, "distillation_schedule"),
      ({"distillation_layers": []}, "distillation_layers"), ({"distillation_layers": [True]}, "distillation_layers"),
