@@ -17,8 +17,8 @@ from .layer import single_active_adapter
 
 CAUSAL_LMS = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # "auto" runs no teacher for these
 NEEDS = ("DecayLoRA distillation={mode!r} adds to the loss the model returns, so the model must be a transformers "
-         "model that returns `loss` and `{output}`, called with `labels` (TRL's trainers compute the loss themselves "
-         "and get none); use distillation='auto' or 'off' otherwise.")
+         "model that returns `loss` and `{output}`, called with `labels` (TRL's trainers compute the loss themselves, "
+         "or fuse the LM head and return no logits); use distillation='auto' or 'off' otherwise.")
 
 
 class Distillation:
@@ -48,7 +48,7 @@ class Distillation:
             if not usable or type(module).__name__ in CAUSAL_LMS:
                 return "off", 0.0
             mode = "hidden_states"
-        if not usable:
+        if not usable or (mode == "logits" and kwargs.get("fused_lm_head")):  # TRL's fused head computes no logits
             raise ValueError(NEEDS.format(mode=mode, output=mode))
         layer = next(self.tuner.layers(name), None)
         if layer is None or layer.disable_adapters or layer.merged:

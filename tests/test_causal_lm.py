@@ -142,3 +142,19 @@ def test_logit_distillation_adds_the_kl_to_the_pretrained_next_token_distributio
     assert kl > 1e-4
     torch.testing.assert_close(distilled.logits, plain.logits)
     torch.testing.assert_close(distilled.loss, plain.loss + 2.0 * kl)
+
+
+def test_logit_distillation_refuses_trls_fused_lm_head_before_any_forward():
+    trl = pytest.importorskip("trl")
+    base = tiny_llama()
+    trl.trainer.add_fused_lm_head(base)  # as SFTTrainer does: no (batch, length, vocab) logits are made
+    model = get_peft_model(base, DecayLoraConfig(target_modules=BLOCK_LINEARS, keep_fraction=0.6, total_steps=TOTAL,
+                                                 distillation="logits"))
+    tokens = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    forwards = []
+    base.model.embed_tokens.register_forward_hook(lambda *_: forwards.append(1))
+    with pytest.raises(ValueError, match="distillation='logits'.*`logits`.*'auto' or 'off'"):
+        model.train()(input_ids=tokens, labels=tokens, fused_lm_head=True)
+    assert not forwards  # refused up front, not after a training forward
+    model.base_model.peft_config["default"].distillation = "auto"  # no teacher: TRL's loss as it computes it
+    assert torch.isfinite(model(input_ids=tokens, labels=tokens, fused_lm_head=True).loss)
