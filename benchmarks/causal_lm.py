@@ -246,7 +246,8 @@ def label(row) -> str:
     """The method, its learning rate and DecayLoRA's config fields other than the defaults."""
     if row["method"] not in TRAINED:
         return row["method"]
-    overrides = "".join(f", {k}={v}" for k, v in sorted(row.get("decaylora", {}).items()))
+    defaults = peft_decaylora.DecayLoraConfig()
+    overrides = "".join(f", {k}={v}" for k, v in sorted(row.get("decaylora", {}).items()) if getattr(defaults, k) != v)
     return (f"{row['method']}, lr {row['lr']:g}{overrides}" + (", A frozen" if row.get("freeze_a") else "")
             + (", fused AdamW" if row.get("fused_adamw") else ""))
 
@@ -419,7 +420,9 @@ def main():
                 f"median of {args.rounds} rounds in which every model takes one step in turn. LoRA r={args.lora_r}. "
                 f"Hardware: {hardware('cpu')}.\n\n{text}"))
         return
-    decaylora = json.loads(args.decaylora)
+    # the schedule's end is written into every DecayLoRA row, so that a row keeps its meaning when the default moves
+    # (it was 0.9 before 0.5; rows from then say so)
+    decaylora = {"decay_end": peft_decaylora.DecayLoraConfig().decay_end, **json.loads(args.decaylora)}
     jobs = []
     for method, seed in itertools.product(args.methods.split(","), [int(s) for s in args.seeds.split(",")]):
         reductions = [0.0] if method in ("dense", "lora", "full") else floats(args.reductions)
@@ -429,7 +432,7 @@ def main():
                          "steps": args.steps if method in TRAINED else 0, "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "lora_r": args.lora_r,
                          "calibration_blocks": args.calibration_blocks if method.startswith(("whitened", "decay"))
-                         else 0, **({"decaylora": decaylora} if method == "decaylora" and decaylora else {}),
+                         else 0, **({"decaylora": decaylora} if method == "decaylora" else {}),
                          **({"freeze_a": True} if method == "decaylora" and args.freeze_a else {}),
                          **({"fused_adamw": True} if method in TRAINED and args.fused_adamw else {})})
     path = Path(args.results)

@@ -107,7 +107,7 @@ class DecayLoraConfig(PeftConfig):
     init_weights: Union[bool, Literal["svd"]] = "svd"
     total_steps: Optional[int] = None
     decay_start: Union[int, float] = 0.1
-    decay_end: Union[int, float] = 0.9
+    decay_end: Union[int, float] = 0.5
     min_decay: float = 0.0
     decay_shape: Literal["linear", "cosine"] = "linear"
     noise: Literal["vanish", "keep", "off"] = "off"

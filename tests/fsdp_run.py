@@ -65,9 +65,11 @@ def build(args, method="decaylora"):
         return model, blocks
     if method == "lora":
         config = LoraConfig(r=8, target_modules=targets)
-    else:  # the defaults, but for the targets, the run length and the noise
+    else:  # the defaults, but for the targets, the run length, the noise and a decay to step 9 of 10, which keeps
+        # "vanish" noise on for steps 2-6 (the memory scenario measures steps 4-6; DeepSpeed's refusal, step 5)
         total_steps = None if args.driver == "callback" else args.steps  # the callback takes the Trainer's
-        config = peft_decaylora.DecayLoraConfig(target_modules=targets, total_steps=total_steps, noise=args.noise)
+        config = peft_decaylora.DecayLoraConfig(target_modules=targets, total_steps=total_steps, noise=args.noise,
+                                                decay_end=0.9)
     return get_peft_model(model, config), blocks
 
 

@@ -101,13 +101,14 @@ def test_trl_sft_trainer_trains_with_the_schedule_moving_per_optimizer_step(tmp_
                          gradient_accumulation_steps=2, logging_steps=1, report_to="none", use_cpu=True,
                          learning_rate=1e-3, disable_tqdm=True, save_strategy="no")
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=DecayLoraConfig(target_modules=BLOCK_LINEARS, keep_fraction=0.6),
+                             peft_config=DecayLoraConfig(target_modules=BLOCK_LINEARS, keep_fraction=0.6,
+                                                         decay_end=1.0),
                              callbacks=[DecayLoraCallback()])
     trainer.train()
     tuner = trainer.model.base_model
     assert tuner.schedule_state() == {"step": 4, "decay_factor": 0.0, "noise_active": False, "noise_scale": 0.0}
     logged = [entry["decay_factor"] for entry in trainer.state.log_history if "loss" in entry]
-    assert logged == [0.75, 0.5, 0.25, 0.0]  # decay from step round(0.4) = 0 to round(3.6) = 4
+    assert logged == [0.75, 0.5, 0.25, 0.0]  # decay from step round(0.4) = 0 to round(4.0) = 4
     assert isinstance(trainer.model.compress_and_unload().model.layers[0].mlp.down_proj, CompressedLayer)
 
 

@@ -189,7 +189,7 @@ def test_layers_without_the_adapter_are_unloaded():
 @pytest.mark.parametrize(
     "settings, match",
     [
-        ({"step": TOTAL // 2}, r"d=0\.5"),  # mid-decay: decay_start 0.1 -> step 2, decay_end 0.9 -> step 18
+        ({"step": 6}, r"d=0\.5"),  # mid-decay: decay_start 0.1 -> step 2, decay_end 0.5 -> step 10
         ({"step": 0}, r"d=1"),
         ({"step": TOTAL, "noise": "keep"}, "noise mean active"),
         ({"step": TOTAL, "noise": "vanish", "noise_threshold": 0.0}, "noise mean active"),

@@ -10,9 +10,10 @@ from tests.conftest import tiny_bert
 
 
 def test_defaults():
-    # the original specification's schedule; the measured best of BENCHMARKS.md for noise, initialisation and distillation
+    # the original specification's start and end value; the measured best of BENCHMARKS.md for the end of the decay,
+    # noise, initialisation and distillation
     config = DecayLoraConfig(target_modules=["query"])
-    assert (config.decay_start, config.decay_end, config.min_decay) == (0.1, 0.9, 0.0)
+    assert (config.decay_start, config.decay_end, config.min_decay) == (0.1, 0.5, 0.0)
     assert (config.noise, config.noise_threshold, config.noise_stats) == ("off", 0.3, "tensor")
     assert (config.init_weights, config.distillation, config.distillation_weight) == ("svd", "auto", 3.0)
     assert config.distillation_layers == [-1]

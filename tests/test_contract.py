@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 from peft_decaylora import CompressedLayer, CompressionError, DecayLoraConfig
 from tests.conftest import TwoLayerNet
 
-TOTAL = 100  # the default schedule: d = 1 up to step 10, d(50) = 0.5, d = 0 from step 90
+TOTAL = 100  # the default schedule: d = 1 up to step 10, d(30) = 0.5, d = 0 from step 50
 
 
 class SmallCNN(nn.Module):
@@ -65,7 +65,7 @@ LAYERS = {
 }
 INITS = ["svd", True, False]
 # phase -> (step, config)
-PHASES = {"warm-up": (5, {}), "decay": (50, {}), "noise": (50, {"noise": "vanish"}), "d=0": (TOTAL, {})}
+PHASES = {"warm-up": (5, {}), "decay": (30, {}), "noise": (30, {"noise": "vanish"}), "d=0": (TOTAL, {})}
 
 
 def build(layer_type, init, phase, r=2):
@@ -178,7 +178,7 @@ def two_svd_adapters():
     config = dict(target_modules=["lin0", "lin1"], total_steps=TOTAL)
     model = get_peft_model(copy.deepcopy(base), DecayLoraConfig(r=4, **config))
     model.add_adapter("other", DecayLoraConfig(r=2, **config))
-    for name, step in (("default", 50), ("other", 95)):
+    for name, step in (("default", 30), ("other", 95)):
         model.set_adapter(name)
         with torch.no_grad():
             for key, parameter in model.named_parameters():
@@ -200,7 +200,7 @@ def test_several_svd_adapters_each_give_exactly_their_own_outputs():
         for name in ("other", "default", "other", "default"):  # back and forth
             model.set_adapter(name)
             assert torch.equal(model(x), outputs[name])
-            assert model.base_model.schedule_state()["step"] == {"default": 50, "other": 95}[name]
+            assert model.base_model.schedule_state()["step"] == {"default": 30, "other": 95}[name]
         assert_same_weights(model, base)
         with model.disable_adapter():
             assert torch.equal(model(x), base(x))

@@ -81,20 +81,20 @@ def test_the_svd_start_is_frozen_and_saved_with_the_adapter():
 
 def test_the_schedule_is_saved_with_the_state_dict_and_survives_copies():
     model = make()
-    model.base_model.set_step(500)
+    model.base_model.set_step(300)
     assert model.base_model.schedule_state() == {
-        "step": 500, "decay_factor": 0.5, "noise_active": False, "noise_scale": 0.0}
+        "step": 300, "decay_factor": 0.5, "noise_active": False, "noise_scale": 0.0}
     steps = {k: v for k, v in model.state_dict().items() if "decaylora_step" in k}
-    assert len(steps) == 2 and all(v.item() == 500 and v.dtype == torch.long for v in steps.values())
+    assert len(steps) == 2 and all(v.item() == 300 and v.dtype == torch.long for v in steps.values())
     model.to(torch.float64)
     assert all(v.dtype == torch.long for k, v in model.state_dict().items() if "decaylora_step" in k)
     x = torch.randn(3, 24, dtype=torch.float64)
     model.eval()
     copied, unpickled = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
-    assert copied.base_model.schedule_state()["step"] == unpickled.base_model.schedule_state()["step"] == 500
+    assert copied.base_model.schedule_state()["step"] == unpickled.base_model.schedule_state()["step"] == 300
     torch.testing.assert_close(unpickled(x), model(x))
     copied.base_model.set_step(900)  # the copies are independent
-    assert model.base_model.schedule_state()["step"] == 500
+    assert model.base_model.schedule_state()["step"] == 300
     assert not torch.allclose(copied(x), model(x))
 
 

@@ -14,12 +14,13 @@ from transformers.pytorch_utils import Conv1D
 from peft_decaylora import DecayLoraConfig, initialize_from_activations
 from tests.conftest import TwoLayerNet
 
-TOTAL = 1000  # with the default schedule: d(500) = 0.5, d(850) = 0.0625, d(896) = 0.005, d(900) = 0
+TOTAL = 1000  # with the original specification's schedule: d(500) = 0.5, d(850) = 0.0625, d(896) = 0.005, d(900) = 0
+SCHEDULE = dict(total_steps=TOTAL, decay_start=0.1, decay_end=0.9)
 
 
 def make(noise="vanish", noise_stats="tensor", init_weights=False, step=500, **kwargs):
     """TwoLayerNet with DecayLoRA on both layers, random A, B and C, at ``step``."""
-    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0", "lin1"], total_steps=TOTAL,
+    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0", "lin1"], **SCHEDULE,
                                                           noise=noise, noise_stats=noise_stats,
                                                           init_weights=init_weights, **kwargs))
     with torch.no_grad():
@@ -84,7 +85,7 @@ def test_channel_and_tensor_statistics_differ():
 def test_with_the_svd_start_the_noise_keeps_the_statistics_of_the_part_that_fades(calibrated):
     """That part is ``W - s B0 A0`` (the top part goes with the adapter), and it changes with the calibration."""
     torch.manual_seed(0)
-    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0"], total_steps=TOTAL,
+    model = get_peft_model(TwoLayerNet(), DecayLoraConfig(r=4, target_modules=["lin0"], **SCHEDULE,
                                                           noise="keep"))
     layer = model.base_model.model.lin0
     if calibrated:
@@ -173,7 +174,7 @@ def test_noisy_weight_is_drawn_again_in_backward_not_kept(make_base, input_shape
     replaying the same draw), yet no W-sized tensor is kept for backward."""
     torch.manual_seed(0)
     model = get_peft_model(nn.ModuleDict({"layer": make_base()}), DecayLoraConfig(
-        r=3, target_modules=["layer"], total_steps=TOTAL, noise="keep", init_weights=False)).double()
+        r=3, target_modules=["layer"], **SCHEDULE, noise="keep", init_weights=False)).double()
     layer = model.base_model.model["layer"].train()
 
     def noisy_forward(x):
@@ -211,7 +212,7 @@ def neox():
 @pytest.mark.parametrize("build, name, slices", [(gpt2_with_scaled_slices, "c_attn", [0] * 24 + [1] * 24 + [2] * 24),
                                                  (neox, "query_key_value", ([0] * 8 + [1] * 8 + [2] * 8) * 4)])
 def test_noise_statistics_are_per_slice_of_a_fused_layer(build, name, slices):
-    model = get_peft_model(build(), DecayLoraConfig(r=2, target_modules=[name], total_steps=TOTAL, noise="keep",
+    model = get_peft_model(build(), DecayLoraConfig(r=2, target_modules=[name], **SCHEDULE, noise="keep",
                                                     init_weights=False))
     model.base_model.set_step(500)
     layer = next(m for n, m in model.named_modules() if n.endswith(name))
@@ -232,7 +233,7 @@ def test_noise_statistics_are_per_slice_of_a_fused_layer(build, name, slices):
 def test_a_slice_left_out_keeps_its_frozen_weight_at_every_step():
     base = gpt2_with_scaled_slices()
     reference = copy.deepcopy(base).transformer.h[0].attn.c_attn
-    config = DecayLoraConfig(r=2, target_modules=["c_attn"], total_steps=TOTAL, noise="keep", init_weights=False,
+    config = DecayLoraConfig(r=2, target_modules=["c_attn"], **SCHEDULE, noise="keep", init_weights=False,
                              fused_enable={"c_attn": [True, False, True]})
     model = get_peft_model(base, config)
     layer = model.base_model.model.transformer.h[0].attn.c_attn
@@ -259,7 +260,7 @@ def test_noise_in_a_half_precision_base_model(dtype):
     x = torch.randn(4, 24, dtype=dtype)
     model.eval()
     assert torch.equal(model(x), reference(x))
-    model.base_model.set_step(50)
+    model.base_model.set_step(30)  # d = 0.5 with the default schedule
     model.train()
     assert model.base_model.schedule_state()["noise_active"]  # the noise is drawn in the model's dtype
     out = model(x)
