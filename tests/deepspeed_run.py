@@ -118,3 +118,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # every result is written and both ranks have left the group; the interpreter's own teardown (C++ destructors of
+    # DeepSpeed's CPU communication op) sometimes aborts a rank under load ("terminate called without an active
+    # exception", SIGABRT), which failed CI runs whose results were all there: leave without it
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
