@@ -271,7 +271,7 @@ def table(rows, args) -> str:
                       f"{row['size_bytes'] / 2**20:.0f}", step])
     return markdown_table(["method", "reduction of the block linears", "held-out perplexity (TV dialogue)",
                            "out-of-domain perplexity (tales, books)", "block-linear parameters", "total parameters",
-                           "MiB on disk", "step time vs dense LoRA"], lines)
+                           "MiB on disk", "step time vs dense LoRA (separate runs)"], lines)
 
 
 def ppl(value: float) -> str:
