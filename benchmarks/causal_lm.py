@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 import peft_decaylora
+from peft_decaylora.schedule import schedule_bounds
 from common import REPO, hardware, markdown_table, write_section
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -330,8 +331,10 @@ def step_times(base, train_blocks, args) -> str:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
+    defaults = peft_decaylora.DecayLoraConfig()
+    start, end = schedule_bounds(args.steps, defaults.decay_start, defaults.decay_end)
     seconds = {}
-    for phase, position in (("d = 0.5", args.steps // 2), ("d = 0", args.steps)):
+    for phase, position in (("d = 0.5", (start + end) // 2), ("d = 0", args.steps)):
         for name, model in models.items():
             model.train()
             if name != "dense LoRA":
@@ -344,7 +347,7 @@ def step_times(base, train_blocks, args) -> str:
                 times[key].append(step(*run))
         for key, values in times.items():
             seconds[key + (phase,)] = statistics.median(values)
-    decaying = peft_decaylora.DecayLoraConfig().decay_end  # the share of a default run's steps that compute W x
+    decaying = defaults.decay_end  # the share of a default run's steps that compute W x
     lines = []
     for (name, fused) in runs:
         lora = {phase: seconds[("dense LoRA", fused, phase)] for phase in ("d = 0.5", "d = 0")}
