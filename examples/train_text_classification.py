@@ -78,7 +78,7 @@ class ModelArguments:
     distillation_weight: float = field(
         default=DecayLoraConfig.distillation_weight, metadata={"help": "Weight of the distillation term."}
     )
-    noise_seed: int = field(default=0, metadata={"help": "Seed of the (reproducible) noise."})
+    noise_seed: int = field(default=DecayLoraConfig.noise_seed, metadata={"help": "Seed of the (reproducible) noise."})
 
 
 @dataclass

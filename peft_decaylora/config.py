@@ -79,9 +79,9 @@ class DecayLoraConfig(PeftConfig):
             ``W`` carried. The model must be a transformers model called with ``labels`` that returns ``loss``, else
             the forward raises. "logits": the same teacher, and the term is instead ``KL(teacher || student)`` of the
             output distributions, per trained token of a causal LM (labels of -100 skipped), meant to keep the
-            pretrained model's general text while a domain is learnt (a little, on the one LLM run measured). "auto" (default): "hidden_states" where that
-            holds, except for causal LMs (whose teacher forward is the costliest, and whose TRL trainers compute the
-            loss themselves); no teacher otherwise. "off": no teacher.
+            pretrained model's general text while a domain is learnt (a little, on the one LLM run measured).
+            "auto" (default): "hidden_states" where that holds, except for causal LMs (whose teacher forward is the
+            costliest, and whose TRL trainers compute the loss themselves); no teacher otherwise. "off": no teacher.
         distillation_weight (`float`): Weight of the distillation term, >= 0 (default 3).
         distillation_schedule (`str`): "constant" (default): the weight stays ``distillation_weight`` throughout.
             "decay": it fades with the frozen weight, ``distillation_weight * d``, so the teacher lets go of the
