@@ -28,7 +28,7 @@ Each run is a line of ``--results`` (resumable: finished runs are not repeated);
 a neighbour's load costs each alike, which separate runs' means do not promise): dense LoRA against DecayLoRA at
 each reduction, with ``A`` trained or frozen, under torch's default AdamW and the fused one, at ``d = 0.5`` (as
 every step of the decay, which computes the frozen product) and ``d = 0``; "whole run" weighs the two phases as
-the default schedule does (90% of the steps before ``decay_end``).
+the default schedule does (the steps before ``decay_end`` compute the frozen product).
 
 ``--decoding`` measures instead what a compressed model saves at inference: new tokens per second of greedy
 ``generate()`` (KV cache) at batch 1 and 8 and the weights' memory, each reduction against the dense model in the
@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 import peft_decaylora
-from peft_decaylora.schedule import schedule_bounds
+from peft_decaylora.schedule import auto_decay_end, schedule_bounds
 from common import REPO, hardware, markdown_table, write_section
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -331,7 +331,7 @@ def step_times(base, train_blocks, args) -> str:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    defaults = peft_decaylora.DecayLoraConfig()
+    defaults = decay.peft_config["default"]  # the library's defaults as filled in for this model
     start, end = schedule_bounds(args.steps, defaults.decay_start, defaults.decay_end)
     seconds = {}
     for phase, position in (("d = 0.5", (start + end) // 2), ("d = 0", args.steps)):
@@ -357,7 +357,8 @@ def step_times(base, train_blocks, args) -> str:
         lines.append([name, "fused" if fused else "default (per-tensor loop)",
                       *(f"{mine[p]:.2f} ({mine[p] / lora[p]:.2f}x)" for p in ("d = 0.5", "d = 0")),
                       f"{whole:.2f} ({whole / whole_lora:.2f}x)"])
-    return markdown_table(["model", "AdamW", "step s at d = 0.5 (vs dense LoRA)", "at d = 0", "whole run"], lines)
+    return markdown_table(["model", "AdamW", "step s at d = 0.5 (vs dense LoRA)", "at d = 0",
+                           f"whole run (the default schedule: {decaying:.0%} of the steps compute W x)"], lines)
 
 
 def floats(text):
@@ -424,8 +425,8 @@ def main():
                 f"Hardware: {hardware('cpu')}.\n\n{text}"))
         return
     # the schedule's end is written into every DecayLoRA row, so that a row keeps its meaning when the default moves
-    # (it was 0.9 before 0.5; rows from then say so)
-    decaylora = {"decay_end": peft_decaylora.DecayLoraConfig().decay_end, **json.loads(args.decaylora)}
+    # (0.9, then 0.5, then "auto", which is 0.3 for causal LMs)
+    decaylora = {"decay_end": auto_decay_end(causal_lm=True), **json.loads(args.decaylora)}
     jobs = []
     for method, seed in itertools.product(args.methods.split(","), [int(s) for s in args.seeds.split(",")]):
         reductions = [0.0] if method in ("dense", "lora", "full") else floats(args.reductions)

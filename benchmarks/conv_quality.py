@@ -18,7 +18,7 @@ spread over seeds, its share of full fine-tuning's, parameters, and CPU latency 
 original network in the same process. Runs are lines of ``--results`` (resumable); the table goes to BENCHMARKS.md.
 
     python benchmarks/conv_quality.py                        # 3 seeds, about 30 minutes on 2 CPU cores
-    python benchmarks/conv_quality.py --decaylora '{}' '{"decay_end": 0.5}'   # the defaults and an earlier end of W
+    python benchmarks/conv_quality.py --decaylora '{}' '{"decay_end": 0.9}'   # the defaults and a later end of W
     python benchmarks/conv_quality.py --seeds 0 --methods full,decaylora-2x --no-write
 """
 
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import peft_decaylora
+from peft_decaylora.schedule import auto_decay_end
 from common import REPO, hardware, markdown_table, write_section
 
 from image_classification_conv import (  # noqa: E402
@@ -116,9 +117,9 @@ def summarize(rows: list[dict], methods: list[str]) -> str:
         return (row["method"], json.dumps(row.get("config", {}), sort_keys=True), row.get("train_norms", False),
                 row.get("calibration_batches", 0))
 
-    # each method's rows, its default config first
+    # each method's rows, by config
     for method, config, norms, calibration in sorted({group(row) for row in rows},
-                                                     key=lambda g: (methods.index(g[0]), g[2], g[3], g[1] != "{}", g[1])):
+                                                     key=lambda g: (methods.index(g[0]), g[2], g[3], g[1])):
         mine = [row for row in rows if group(row) == (method, config, norms, calibration)]
         accuracies = [row["accuracy"] for row in mine]
         spread = f" ({min(accuracies):.3f}-{max(accuracies):.3f})" if len(mine) > 1 else ""
@@ -172,7 +173,9 @@ def main():
     done = [row for row in done if all(row[key] == value for key, value in setting.items())]
     lrs = {"full": args.lr_full, "lora": args.lr_lora}
 
-    configs = [json.loads(text) for text in args.decaylora]
+    # the schedule's end is written into every DecayLoRA row, so that a row keeps its meaning when the default moves
+    # (rows made before 0.5 became the default say 0.9)
+    configs = [{"decay_end": auto_decay_end(causal_lm=False), **json.loads(text)} for text in args.decaylora]
 
     def variants(method: str) -> list[tuple[dict, int]]:  # (config, calibration batches) pairs a method runs with
         return [(c, n) for c in configs for n in args.calibrate] if method.startswith("decaylora") else [({}, 0)]

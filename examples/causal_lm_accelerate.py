@@ -19,8 +19,8 @@ the dense model, dense LoRA (merged) and the compressed DecayLoRA model, and sav
 ``benchmarks/causal_lm.py`` is the full comparison (truncate-then-recover baselines, 20/40/60%), BENCHMARKS.md its
 results.
 
-Measured with the defaults (60 steps each, DecayLoRA lr 2e-4 and ``decay_end=0.3``, the best of a short search in
-docs/ablations.md; 2 CPU cores (AMD EPYC), 1084 s wall time; step time DecayLoRA / LoRA 1.35x):
+Measured with the defaults (60 steps each, DecayLoRA lr 2e-4 and ``decay_end=0.3``, the library's for causal LMs, the
+best of a short search in docs/ablations.md; 2 CPU cores (AMD EPYC), 1084 s wall time; step time DecayLoRA / LoRA 1.35x):
                                   perplexity    parameters     MiB  tokens/s (batch 1)
     dense                              30.06   134,515,008     513                12.9
     dense LoRA (merged)                20.36   134,515,008     513                12.7
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
     p.add_argument("--steps", type=int, default=60, help="Optimizer steps, for each of the two runs.")
     p.add_argument("--lr", type=float, default=2e-4, help="DecayLoRA's learning rate.")
-    p.add_argument("--decay-end", type=float, default=0.3, help="Share of the steps after which W is gone.")
+    p.add_argument("--decay-end", type=float, default=None,
+                   help="Share of the steps after which W is gone (default: the library's, 0.3 for a causal LM).")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="Dense LoRA's learning rate.")
     p.add_argument("--eval-blocks", type=int, default=32, help="Held-out blocks for perplexity.")
     p.add_argument("--seed", type=int, default=0)
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     lora = lora.merge_and_unload()
 
     config = DecayLoraConfig(target_modules=BLOCK_LINEARS, keep_fraction=1.0 - args.reduction,
-                             decay_end=args.decay_end)
+                             **({} if args.decay_end is None else {"decay_end": args.decay_end}))
     model = get_peft_model(copy.deepcopy(base), config)
     initialize_from_activations(model, [{"input_ids": b} for b in train_blocks[-32:].split(8)])
     model, decay_step = train(model, train_blocks, args, args.lr, decaylora=True)

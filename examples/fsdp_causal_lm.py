@@ -6,7 +6,7 @@ the model split across processes with ``fully_shard``.
 
 Offline by default, from the assets of ``examples/causal_lm_accelerate.py`` (``bash .ci/install-assets``). On GPUs
 each process takes its own device and NCCL; on CPU, gloo. The recipe is the one-process example's (lr 2e-4,
-``decay_end=0.3``, the split fitted to training blocks); what changes under sharding:
+the library's ``decay_end``, 0.3 for a causal LM, the split fitted to training blocks); what changes under sharding:
 
 1. every process loads the model and adds the adapter, then each transformer block and the root are ``fully_shard``-ed;
 2. ``initialize_from_activations`` runs after sharding, on the same batches on every process;
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=int, default=4, help="Sequences per optimizer step, over all processes.")
     p.add_argument("--steps", type=int, default=40, help="Optimizer steps.")
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--decay-end", type=float, default=0.3, help="Share of the steps after which W is gone.")
+    p.add_argument("--decay-end", type=float, default=None,
+                   help="Share of the steps after which W is gone (default: the library's, 0.3 for a causal LM).")
     p.add_argument("--calibration-blocks", type=int, default=16, help="Training blocks the split is fitted to.")
     p.add_argument("--eval-blocks", type=int, default=16, help="Held-out blocks for perplexity.")
     p.add_argument("--seed", type=int, default=0)
@@ -82,7 +83,7 @@ def main(argv=None):
     dialogue = load_tv_dialogue(seed=args.seed)
     train_blocks = blocks(dialogue["train"]["text"], tokenizer, args.block_size)
     config = DecayLoraConfig(target_modules=BLOCK_LINEARS, keep_fraction=1.0 - args.reduction,
-                             decay_end=args.decay_end)
+                             **({} if args.decay_end is None else {"decay_end": args.decay_end}))
     model = get_peft_model(base, config).to(device)
     mesh = init_device_mesh(device.type, (world,))
     for block in model.base_model.model.model.layers:  # each transformer block, then the root

@@ -64,8 +64,9 @@ class ModelArguments:
     decay_start: float = field(
         default=DecayLoraConfig.decay_start, metadata={"help": "Start of the decay, as a fraction of the run."}
     )
-    decay_end: float = field(
-        default=DecayLoraConfig.decay_end, metadata={"help": "End of the decay, as a fraction of the run."}
+    decay_end: str = field(
+        default=DecayLoraConfig.decay_end,
+        metadata={"help": "End of the decay, as a fraction of the run, or auto (0.5 for this model)."},
     )
     noise: str = field(default=DecayLoraConfig.noise, metadata={"help": "Noise schedule: vanish, keep or off."})
     init_weights: str = field(
@@ -156,7 +157,7 @@ def main() -> None:
         lora_alpha=model_args.lora_alpha,
         target_modules=model_args.target_modules.split(","),
         decay_start=model_args.decay_start,
-        decay_end=model_args.decay_end,
+        decay_end=model_args.decay_end if model_args.decay_end == "auto" else float(model_args.decay_end),
         noise=model_args.noise,
         noise_seed=model_args.noise_seed,
         init_weights="svd" if model_args.init_weights == "svd" else True,

@@ -16,6 +16,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .layer import single_active_adapter
 
 CAUSAL_LMS = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # "auto" runs no teacher for these
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal LM, for which the "auto" settings differ."""
+    return type(model).__name__ in CAUSAL_LMS
+
 NEEDS = ("DecayLoRA distillation={mode!r} adds to the loss the model returns, so the model must be a transformers "
          "model that returns `loss` and `{output}`, called with `labels` (TRL's trainers compute the loss themselves, "
          "or fuse the LM head and return no logits); use distillation='auto' or 'off' otherwise.")
@@ -45,7 +51,7 @@ class Distillation:
         usable = isinstance(module, PreTrainedModel) and kwargs.get("labels") is not None
         mode = config.distillation
         if mode == "auto":
-            if not usable or type(module).__name__ in CAUSAL_LMS:
+            if not usable or is_causal_lm(module):
                 return "off", 0.0
             mode = "hidden_states"
         if not usable or (mode == "logits" and kwargs.get("fused_lm_head")):  # TRL's fused head computes no logits

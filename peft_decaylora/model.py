@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 from typing import Iterator, Optional
@@ -14,11 +15,11 @@ from torch import nn
 
 from . import compression
 from .config import DecayLoraConfig
-from .distillation import Distillation
+from .distillation import Distillation, is_causal_lm
 from .fused import FusedLayout, detect_fused_layouts
 from .layer import SUPPORTED_LAYERS, DecayLoraLayer, DecayLoraModule, layer_kind, single_active_adapter
 from .ranks import adapter_rank, inputs_per_output, stack_depth
-from .schedule import AdapterSchedule, schedule_bounds
+from .schedule import AdapterSchedule, auto_decay_end, schedule_bounds
 
 # Training forwards at one step that show nothing drives the schedule (far above gradient accumulation, below a run).
 STALLED_SCHEDULE_FORWARDS = 256
@@ -51,6 +52,14 @@ class DecayLoraModel(BaseTuner):
 
     def _prepare_adapter_config(self, config: DecayLoraConfig, model_config: dict) -> DecayLoraConfig:
         config = super()._prepare_adapter_config(config, model_config)
+        if config.decay_end == "auto":
+            decay_end = auto_decay_end(is_causal_lm(self.model))
+            try:  # the model stays unchanged if the filled-in schedule is invalid
+                dataclasses.replace(config, decay_end=decay_end)
+            except ValueError as error:
+                raise ValueError(f"{error} `decay_end='auto'` is {decay_end} for this model; set `decay_end` to "
+                                 "a step after `decay_start`.") from None
+            config.decay_end = decay_end
         if config.detect_fused_layouts:
             config.fused_layouts = {**detect_fused_layouts(model_config), **(config.fused_layouts or {})}
         return config

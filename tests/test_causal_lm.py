@@ -112,6 +112,24 @@ def test_trl_sft_trainer_trains_with_the_schedule_moving_per_optimizer_step(tmp_
     assert isinstance(trainer.model.compress_and_unload().model.layers[0].mlp.down_proj, CompressedLayer)
 
 
+def test_auto_decay_end_is_thirty_percent_of_a_causal_lms_run():
+    model = get_peft_model(tiny_llama(), DecayLoraConfig(target_modules=BLOCK_LINEARS, total_steps=TOTAL))
+    assert model.peft_config["default"].decay_end == 0.3
+    model.base_model.set_step(2)
+    assert 0.0 < model.base_model.schedule_state()["decay_factor"] < 1.0
+    model.base_model.set_step(3)
+    assert model.base_model.schedule_state()["decay_factor"] == 0.0
+
+
+def test_auto_decay_end_before_decay_start_is_refused_with_the_model_unchanged():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"decay_end='auto'` is 0.3"):
+        get_peft_model(model, DecayLoraConfig(target_modules=BLOCK_LINEARS, decay_start=0.4))
+    assert not any("decaylora" in name for name, _ in model.named_modules())
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
 def test_auto_distillation_runs_no_teacher_for_a_causal_lm_where_hidden_states_adds_one():
     tokens = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = {}

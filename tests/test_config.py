@@ -13,7 +13,7 @@ def test_defaults():
     # the original specification's start and end value; the measured best of BENCHMARKS.md for the end of the decay,
     # noise, initialisation and distillation
     config = DecayLoraConfig(target_modules=["query"])
-    assert (config.decay_start, config.decay_end, config.min_decay) == (0.1, 0.5, 0.0)
+    assert (config.decay_start, config.decay_end, config.min_decay) == (0.1, "auto", 0.0)
     assert (config.noise, config.noise_threshold, config.noise_stats) == ("off", 0.3, "tensor")
     assert (config.init_weights, config.distillation, config.distillation_weight) == ("svd", "auto", 3.0)
     assert config.distillation_layers == [-1]
@@ -54,6 +54,16 @@ def test_defaults():
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"`{field}"):
         DecayLoraConfig(target_modules=["query"], **kwargs)
+
+
+def test_auto_decay_end_is_half_the_run_for_an_encoder_and_saved_as_that_number(tmp_path):
+    model = get_peft_model(tiny_bert(), DecayLoraConfig(target_modules=["query"], total_steps=10))
+    assert model.peft_config["default"].decay_end == 0.5
+    assert model.base_model.schedule_state()["decay_factor"] == 1.0
+    model.base_model.set_step(5)
+    assert model.base_model.schedule_state()["decay_factor"] == 0.0
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["decay_end"] == 0.5
 
 
 @pytest.mark.parametrize("layers", [[-1], None, [0, 2]])

@@ -64,7 +64,7 @@ LAYERS = {
                                    "fused_enable": {"query_key_value": [True, False, True]}}, TOKENS, logits),
 }
 INITS = ["svd", True, False]
-# phase -> (step, config)
+# phase -> (step, config), with W gone at half the run (pinned: "auto" differs for the GPT-2 models)
 PHASES = {"warm-up": (5, {}), "decay": (30, {}), "noise": (30, {"noise": "vanish"}), "d=0": (TOTAL, {})}
 
 
@@ -74,8 +74,8 @@ def build(layer_type, init, phase, r=2):
     make_base, config, x, run = LAYERS[layer_type]
     step, phase_config = PHASES[phase]
     base = make_base()
-    model = get_peft_model(copy.deepcopy(base), DecayLoraConfig(r=r, total_steps=TOTAL, init_weights=init,
-                                                                 **config, **phase_config))
+    model = get_peft_model(copy.deepcopy(base), DecayLoraConfig(r=r, total_steps=TOTAL, decay_end=0.5,
+                                                                 init_weights=init, **config, **phase_config))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.requires_grad and "decaylora_" in name:
