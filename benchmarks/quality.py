@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 import peft_decaylora
+from peft_decaylora.schedule import auto_decay_end
 from common import MINILM_TARGETS, REPO, hardware, load_minilm, load_rotten_tomatoes, markdown_table, write_section
 from assets import load_election_tweets, load_reuters_r8  # noqa: E402  (common puts examples/ on the path)
 
@@ -275,7 +276,7 @@ def label(row: dict) -> str:
         if "kd" in row["method"].split("-"):
             parts.append(f"kd {row['kd_weight']:g}")
         # a knob is named where it differs from the library's default (the benchmark's own where it has none)
-        library = peft_decaylora.DecayLoraConfig()
+        library = peft_decaylora.DecayLoraConfig(decay_end=auto_decay_end(causal_lm=False))  # as filled in for MiniLM
         parts += [f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
                   for name, value in decay_knobs(row).items() if value != getattr(library, name, DECAY_KNOBS[name][0])]
     return ", ".join(parts)
