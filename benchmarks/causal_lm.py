@@ -426,7 +426,7 @@ def main():
         return
     # the schedule's end is written into every DecayLoRA row, so that a row keeps its meaning when the default moves
     # (0.9, then 0.5, then "auto", which is 0.3 for causal LMs)
-    decaylora = {"decay_end": auto_decay_end(causal_lm=True), **json.loads(args.decaylora)}
+    decaylora = {"decay_end": auto_decay_end(causal_lm=True, transformers_model=True), **json.loads(args.decaylora)}
     jobs = []
     for method, seed in itertools.product(args.methods.split(","), [int(s) for s in args.seeds.split(",")]):
         reductions = [0.0] if method in ("dense", "lora", "full") else floats(args.reductions)

@@ -276,7 +276,8 @@ def label(row: dict) -> str:
         if "kd" in row["method"].split("-"):
             parts.append(f"kd {row['kd_weight']:g}")
         # a knob is named where it differs from the library's default (the benchmark's own where it has none)
-        library = peft_decaylora.DecayLoraConfig(decay_end=auto_decay_end(causal_lm=False))  # as filled in for MiniLM
+        library = peft_decaylora.DecayLoraConfig(  # "auto" as filled in for MiniLM
+            decay_end=auto_decay_end(causal_lm=False, transformers_model=True))
         parts += [f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
                   for name, value in decay_knobs(row).items() if value != getattr(library, name, DECAY_KNOBS[name][0])]
     return ", ".join(parts)

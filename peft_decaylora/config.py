@@ -52,9 +52,9 @@ class DecayLoraConfig(PeftConfig):
         decay_start (`Union[int, float]`): First step of the linear decay; a float in [0, 1] is a fraction of
             `total_steps`, an int a step number.
         decay_end (`Union[int, float, str]`): First step of the cool-down, where ``d = min_decay``. "auto" (default):
-            0.3 for causal language models, 0.5 for every other model, filled in when the adapter is added (the saved
-            config holds the number). Measured in docs/ablations.md: a causal LM loses no perplexity with ``W`` gone
-            at 30% of the run and steps cheaper, since steps at ``d = 0`` skip the frozen product.
+            0.3 for transformers causal LMs, 0.9 for other transformers models, 0.5 for any other model (e.g. a
+            torchvision network), each the best measured on its kind (docs/method.md, "A new task"); filled in when
+            the adapter is added, so the saved config holds the number.
         min_decay (`float`): Decay factor of the cool-down, in [0, 1]. 0 (default) ends with a pure rank-r layer.
         decay_shape (`str`): How ``d`` goes from 1 to `min_decay` between `decay_start` and `decay_end`: "linear"
             (default) or "cosine" (``(1 + cos(pi t)) / 2`` of the progress ``t``: slow at both ends).

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_feat
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
+from transformers import PreTrainedModel
 
 from . import compression
 from .config import DecayLoraConfig
@@ -53,7 +54,7 @@ class DecayLoraModel(BaseTuner):
     def _prepare_adapter_config(self, config: DecayLoraConfig, model_config: dict) -> DecayLoraConfig:
         config = super()._prepare_adapter_config(config, model_config)
         if config.decay_end == "auto":
-            decay_end = auto_decay_end(is_causal_lm(self.model))
+            decay_end = auto_decay_end(is_causal_lm(self.model), isinstance(self.model, PreTrainedModel))
             try:  # the model stays unchanged if the filled-in schedule is invalid
                 dataclasses.replace(config, decay_end=decay_end)
             except ValueError as error:

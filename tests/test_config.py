@@ -56,14 +56,20 @@ def test_invalid_values_name_the_field(kwargs, field):
         DecayLoraConfig(target_modules=["query"], **kwargs)
 
 
-def test_auto_decay_end_is_half_the_run_for_an_encoder_and_saved_as_that_number(tmp_path):
-    model = get_peft_model(tiny_bert(), DecayLoraConfig(target_modules=["query"], total_steps=10))
-    assert model.peft_config["default"].decay_end == 0.5
-    assert model.base_model.schedule_state()["decay_factor"] == 1.0
-    model.base_model.set_step(5)
+@pytest.mark.parametrize("make_model, target, decay_end", [
+    (tiny_bert, "query", 0.9),  # a transformers model other than a causal LM (those: tests/test_causal_lm.py)
+    (lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), "0", 0.5),  # any other model
+])
+def test_auto_decay_end_is_filled_in_by_kind_of_model_and_saved_as_that_number(make_model, target, decay_end,
+                                                                                tmp_path):
+    model = get_peft_model(make_model(), DecayLoraConfig(target_modules=[target], total_steps=10))
+    assert model.peft_config["default"].decay_end == decay_end
+    model.base_model.set_step(round(10 * decay_end) - 1)
+    assert model.base_model.schedule_state()["decay_factor"] > 0.0
+    model.base_model.set_step(round(10 * decay_end))
     assert model.base_model.schedule_state()["decay_factor"] == 0.0
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["decay_end"] == 0.5
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["decay_end"] == decay_end
 
 
 @pytest.mark.parametrize("layers", [[-1], None, [0, 2]])

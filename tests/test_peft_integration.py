@@ -101,8 +101,8 @@ ROUND_TRIP = textwrap.dedent(
 def test_save_and_load_in_a_fresh_process_after_importing_twice(tmp_path, tokens):
     base = tiny_bert()
     base.save_pretrained(tmp_path / "base")
-    config = DecayLoraConfig(r=4, target_modules=["query", "value"], total_steps=100, init_weights=False,
-                             modules_to_save=["classifier"], noise="keep")
+    config = DecayLoraConfig(r=4, target_modules=["query", "value"], total_steps=100, decay_end=0.5,
+                             init_weights=False, modules_to_save=["classifier"], noise="keep")
     model = get_peft_model(base, config)
     model.base_model.set_step(35)  # d = 0.375
     model.eval()

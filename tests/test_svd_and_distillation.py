@@ -85,7 +85,7 @@ TOKENS, LABELS = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual
 
 def distilled_bert(**config_overrides):
     """A 2-layer BERT adapted with random B (so the student differs from the teacher) at step 35 (d = 0.375)."""
-    config = DecayLoraConfig(r=4, target_modules=["query", "value", "dense"], total_steps=TOTAL,
+    config = DecayLoraConfig(r=4, target_modules=["query", "value", "dense"], total_steps=TOTAL, decay_end=0.5,
                              modules_to_save=["classifier"], distillation="hidden_states", init_weights=False,
                              **config_overrides)
     model = get_peft_model(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), config)
