@@ -175,7 +175,8 @@ def main():
 
     # the schedule's end is written into every DecayLoRA row, so that a row keeps its meaning when the default moves
     # (rows made before 0.5 became the default say 0.9)
-    configs = [{"decay_end": auto_decay_end(causal_lm=False, transformers_model=False), **json.loads(text)} for text in args.decaylora]
+    default_end = auto_decay_end(causal_lm=False, transformers_model=False)
+    configs = [{"decay_end": default_end, **json.loads(text)} for text in args.decaylora]
 
     def variants(method: str) -> list[tuple[dict, int]]:  # (config, calibration batches) pairs a method runs with
         return [(c, n) for c in configs for n in args.calibrate] if method.startswith("decaylora") else [({}, 0)]
