@@ -294,13 +294,14 @@ def decoding(base, prompts, args) -> str:
     speed = {}
     for batch in (1, 8):
         x = prompts[:batch]
+        greedy = dict(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False)
         for model in models.values():  # warm-up
-            model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            model.generate(**greedy, max_new_tokens=4, min_new_tokens=4)
         seconds = {r: [] for r in models}
         for _ in range(args.rounds):
             for r, model in models.items():
                 start = time.perf_counter()
-                model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                model.generate(**greedy, max_new_tokens=new, min_new_tokens=new)
                 seconds[r].append(time.perf_counter() - start)
         speed[batch] = {r: batch * new / statistics.median(s) for r, s in seconds.items()}
     lines = [[f"{r:.0%}" if r else "dense", f"{speed[1][r]:.1f}", f"{speed[1][r] / speed[1][0.0]:.2f}x",
